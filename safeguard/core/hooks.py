@@ -57,6 +57,14 @@ class HookRegistry:
             logger.debug("removed hook %s", rec.name)
 
 
-def count_hooks(root: nn.Module) -> int:
-    """Number of forward hooks and pre-hooks on ``root`` and all its submodules (for tests)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in root.modules())
+def hook_snapshot(root: nn.Module) -> set[tuple[str, str, int]]:
+    """Every forward hook and pre-hook under ``root`` as ``(module path, kind, hook id)``.
+
+    Compare snapshots taken before wrapping and after unwrapping to prove nothing stayed behind
+    (libraries such as transformers install hooks of their own, which a plain count would confuse).
+    """
+    out: set[tuple[str, str, int]] = set()
+    for name, m in root.named_modules():
+        out.update((name, "forward", k) for k in m._forward_hooks)
+        out.update((name, "forward_pre", k) for k in m._forward_pre_hooks)
+    return out

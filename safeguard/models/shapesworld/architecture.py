@@ -41,6 +41,7 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
     beta_start=0.00085,
     beta_end=0.012,
     prediction_type="epsilon",
+    steps_offset=1,
 )
 
 
