@@ -11,7 +11,6 @@ from safeguard.models.shapesworld import captions
 from safeguard.models.shapesworld.world import (
     BACKGROUNDS,
     COLORS,
-    SHAPES,
     SceneSpec,
     render,
     render_many,
