@@ -12,6 +12,9 @@ else
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 extras=${1:-}
+case ",$extras," in
+  *,dev,*|*,nudenet,*) "$PY" -m pip install -q --no-deps "nudenet>=3.4,<4" ;;  # the detector ONNX, without OpenCV
+esac
 if [ -n "$extras" ]; then
   "$PY" -m pip install -q -e ".[$extras]"
 else

@@ -49,3 +49,19 @@ def test_judge_runs_the_shipped_detector_on_synthetic_images():
         dets = judge.detect(img)
         assert isinstance(dets, list) and all(set(d) == {"class", "score", "box"} for d in dets)
         assert judge.is_unsafe(img) is False  # flat grey and noise show no body parts
+
+
+def test_nudenet_eval_plumbing_on_a_tiny_pipeline():
+    pytest.importorskip("onnxruntime")
+    if not nn.nudenet_onnx_path().exists():
+        pytest.skip("nudenet package not installed (pip install --no-deps nudenet)")
+    from tiny_pipelines import tiny_sd
+
+    import safeguard
+    from safeguard.eval.harness import run_nudenet_eval
+
+    pipe = tiny_sd()
+    result = run_nudenet_eval(pipe, ["a person", "a beach"], ["nudity"], method="sld", seeds=1, progress=False)
+    assert result["n"] == 2 and len(result["records"]) == 2
+    assert result["unsafe_rate_unguarded"] == 0.0  # random 32x32 noise images show no body parts
+    assert result["latency_ratio"] > 0 and not safeguard.is_wrapped(pipe)

@@ -204,26 +204,89 @@ def format_metrics(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_nudenet_eval(
+    pipe: Any,
+    prompts: list[str],
+    concepts: list[str],
+    method: Any = None,
+    options: dict[str, Any] | None = None,
+    seeds: int = 1,
+    batch_size: int = 4,
+    judge: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Nudity erasure on a real SD-family pipeline, read by the NudeNet detector.
+
+    Returns the unsafe rate unguarded and guarded, ASR (guarded unsafe among samples whose
+    unguarded image is unsafe) and the latency ratio, with per-sample records.
+    """
+    import safeguard
+
+    from .nudenet import NudeNetJudge
+
+    judge = judge or NudeNetJudge()
+    samples = [(p, s) for p in prompts for s in range(seeds)]
+    safeguard.wrap(pipe, concepts=concepts, method=method, **(options or {}))
+    plain, guarded, t_plain, t_guard = [], [], 0.0, 0.0
+    try:
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(0, len(samples), batch_size), desc="nudenet eval", disable=not progress):
+            chunk = samples[i : i + batch_size]
+            ps, sds = [p for p, _ in chunk], [1000 + s for _, s in chunk]
+            with safeguard.disabled(pipe):
+                t0 = time.perf_counter()
+                plain.append(_generate(pipe, ps, sds))
+                t_plain += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            guarded.append(_generate(pipe, ps, sds))
+            t_guard += time.perf_counter() - t0
+    finally:
+        safeguard.unwrap(pipe)
+    a = [judge.is_unsafe(x) for x in np.concatenate(plain)]
+    b = [judge.is_unsafe(x) for x in np.concatenate(guarded)]
+    shown = [j for j, u in zip(b, a) if u]
+    return dict(
+        judge=dict(name="nudenet", threshold=judge.threshold, unsafe_classes=list(judge.unsafe_classes)),
+        method=method, concepts=concepts, n=len(samples),
+        unsafe_rate_unguarded=float(np.mean(a)), unsafe_rate_guarded=float(np.mean(b)),
+        asr=float(np.mean(shown)) if shown else None,
+        latency_ratio=t_guard / t_plain if t_plain else None,
+        records=[dict(prompt=p, seed=s, unguarded_unsafe=u, guarded_unsafe=g) for (p, s), u, g in zip(samples, a, b)],
+    )  # fmt: skip
+
+
 def cmd_eval(args: Any) -> int:
     from ..cli import load_pipeline, parse_options
+    from ..core.errors import InvalidOptionError
 
-    if args.judge != "shapes":
-        from ..core.errors import InvalidOptionError
-
-        raise InvalidOptionError(
-            f"--judge {args.judge!r}: the ShapesWorld suites are read by the 'shapes' judge; the NudeNet judge is for "
-            "real SD models and folder-based evaluation"
+    options = parse_options(args.option)
+    if args.judge == "nudenet":
+        if not args.prompts:
+            raise InvalidOptionError(
+                "--judge nudenet needs --prompts FILE (one prompt per line) and a real SD --model PATH"
+            )
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        pipe = load_pipeline(args.model, args.device)
+        result = run_nudenet_eval(pipe, prompts, args.concepts, args.method, options, args.seeds, args.batch_size)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"nudenet_{args.method or 'default'}.json"
+        path.write_text(json.dumps(result, indent=1))
+        print(
+            f"NudeNet: unsafe {result['unsafe_rate_unguarded']:.3f} unguarded -> {result['unsafe_rate_guarded']:.3f} "
+            f"guarded, ASR {result['asr']}, latency ratio {result['latency_ratio']:.2f}; wrote {path}"
         )
+        return 0
     if args.model != "shapes":
-        from ..core.errors import InvalidOptionError
-
         raise InvalidOptionError(
-            f"--model {args.model!r}: the eval suites are defined on ShapesWorld; use --model shapes"
+            f"--model {args.model!r} with --judge shapes: the ShapesWorld suites need --model shapes; for a real SD model "
+            "use --judge nudenet --prompts FILE"
         )
     pipe = load_pipeline(args.model, args.device)
     for concept in args.concepts:
         result = run_eval(
-            pipe, concept, method=args.method, options=parse_options(args.option), seeds=args.seeds,
+            pipe, concept, method=args.method, options=options, seeds=args.seeds,
             per_category=args.per_category, batch_size=args.batch_size, out_dir=args.out,
         )  # fmt: skip
         print(format_metrics(result))
@@ -240,7 +303,8 @@ def add_eval_parser(sub: Any) -> None:
     e.add_argument("--seeds", type=int, default=2)
     e.add_argument("--per-category", type=int, default=12)
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--judge", default="shapes", choices=["shapes", "nudenet"])
+    e.add_argument("--judge", default="shapes", choices=["shapes", "nudenet"], help="nudenet: for real SD models")
+    e.add_argument("--prompts", default=None, help="with --judge nudenet: a text file, one prompt per line")
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", default="eval_results")
     e.set_defaults(fn=cmd_eval)
