@@ -40,6 +40,33 @@ def _generate(pipe: Any, prompts: list[str], seeds: list[int]) -> np.ndarray:
     return np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
 
 
+def generate_interleaved(
+    pipe: Any, samples: list[tuple[str, int]], batch_size: int, desc: str, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, float, float, dict | None]:
+    """Generate every (prompt, seed) unguarded then guarded, batch by batch, on a wrapped ``pipe``.
+
+    Returns (unguarded uint8 images, guarded images, unguarded seconds, guarded seconds, the last
+    call's report as a dict).
+    """
+    from tqdm.auto import tqdm
+
+    import safeguard
+
+    plain, guarded, t_plain, t_guard = [], [], 0.0, 0.0
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress):
+        chunk = samples[i : i + batch_size]
+        prompts, seeds = [p for p, _ in chunk], [1000 + s for _, s in chunk]
+        with safeguard.disabled(pipe):
+            t0 = time.perf_counter()
+            plain.append(_generate(pipe, prompts, seeds))
+            t_plain += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        guarded.append(_generate(pipe, prompts, seeds))
+        t_guard += time.perf_counter() - t0
+    report = safeguard.last_report(pipe)
+    return np.concatenate(plain), np.concatenate(guarded), t_plain, t_guard, report.to_dict() if report else None
+
+
 def _shows(reading: Any, kind: str, concept: str) -> bool:
     return (reading.color if kind == "color" else reading.shape) == concept
 
@@ -69,29 +96,12 @@ def run_eval(
     suite = build_suite(concept, per_category=per_category)
     samples: list[tuple[SuitePrompt, int]] = [(p, s) for p in suite for s in range(seeds)]
     safeguard.wrap(pipe, concepts=[concept], method=method, **(options or {}))
-    plain_imgs, guard_imgs = [], []
-    t_plain = t_guard = 0.0
-    reports = []
     try:
-        from tqdm.auto import tqdm
-
-        batches = range(0, len(samples), batch_size)
-        for i in tqdm(batches, desc=f"eval {method or 'default'} vs {concept}", disable=not progress):
-            chunk = samples[i : i + batch_size]
-            prompts, sds = [p.prompt for p, _ in chunk], [1000 + s for _, s in chunk]
-            with safeguard.disabled(pipe):
-                t0 = time.perf_counter()
-                plain_imgs.append(_generate(pipe, prompts, sds))
-                t_plain += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            guard_imgs.append(_generate(pipe, prompts, sds))
-            t_guard += time.perf_counter() - t0
-            rep = safeguard.last_report(pipe)
-            reports.append(rep.to_dict() if rep else None)
+        pairs = [(p.prompt, s) for p, s in samples]
+        desc = f"eval {method or 'default'} vs {concept}"
+        plain, guarded, t_plain, t_guard, last = generate_interleaved(pipe, pairs, batch_size, desc, progress)
     finally:
         safeguard.unwrap(pipe)
-    plain = np.concatenate(plain_imgs)
-    guarded = np.concatenate(guard_imgs)
     r_plain, r_guard = judge.read_many(plain), judge.read_many(guarded)
     records = []
     for (p, s), a, b, x, y in zip(samples, r_plain, r_guard, plain, guarded):
@@ -139,7 +149,7 @@ def run_eval(
     )
     result = dict(
         concept=concept, method=method, options=options or {}, seeds=seeds, per_category=per_category,
-        metrics=metrics, records=records, last_report=reports[-1] if reports else None,
+        metrics=metrics, records=records, last_report=last,
     )  # fmt: skip
     if out_dir is not None:
         out = Path(out_dir)
@@ -227,24 +237,12 @@ def run_nudenet_eval(
     judge = judge or NudeNetJudge()
     samples = [(p, s) for p in prompts for s in range(seeds)]
     safeguard.wrap(pipe, concepts=concepts, method=method, **(options or {}))
-    plain, guarded, t_plain, t_guard = [], [], 0.0, 0.0
     try:
-        from tqdm.auto import tqdm
-
-        for i in tqdm(range(0, len(samples), batch_size), desc="nudenet eval", disable=not progress):
-            chunk = samples[i : i + batch_size]
-            ps, sds = [p for p, _ in chunk], [1000 + s for _, s in chunk]
-            with safeguard.disabled(pipe):
-                t0 = time.perf_counter()
-                plain.append(_generate(pipe, ps, sds))
-                t_plain += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            guarded.append(_generate(pipe, ps, sds))
-            t_guard += time.perf_counter() - t0
+        plain, guarded, t_plain, t_guard, _ = generate_interleaved(pipe, samples, batch_size, "nudenet eval", progress)
     finally:
         safeguard.unwrap(pipe)
-    a = [judge.is_unsafe(x) for x in np.concatenate(plain)]
-    b = [judge.is_unsafe(x) for x in np.concatenate(guarded)]
+    a = [judge.is_unsafe(x) for x in plain]
+    b = [judge.is_unsafe(x) for x in guarded]
     shown = [j for j, u in zip(b, a) if u]
     return dict(
         judge=dict(name="nudenet", threshold=judge.threshold, unsafe_classes=list(judge.unsafe_classes)),
