@@ -201,3 +201,9 @@ def test_sld_batch_of_prompts_and_images_per_prompt_matches_safe(sd):
     safeguard.wrap(sd, concepts=[TEXT], method="sld", preset="strong")
     ours = run(sd, steps=8, prompt=prompts, num_images_per_prompt=2)
     assert ours.shape[0] == 4 and np.abs(ours - ref).max() <= 1e-4
+
+
+def test_truncated_concept_text_warns(sd):
+    long = ", ".join(["a very long phrase about something"] * 6)  # far past the tiny tokenizer's 32 tokens
+    with pytest.warns(UserWarning, match="tokens but CLIPTokenizer keeps 32"):
+        safeguard.wrap(sd, concepts=[long], method="sld")

@@ -54,7 +54,8 @@ class PipelineAdapter:
     # ---------------------------------------------------------------- modules
     @property
     def denoiser(self) -> nn.Module:
-        return getattr(self.pipe, "unet", None) or self.pipe.transformer
+        unet = getattr(self.pipe, "unet", None)
+        return unet if unet is not None else self.pipe.transformer
 
     @property
     def text_encoders(self) -> list[nn.Module]:
@@ -85,6 +86,23 @@ class PipelineAdapter:
             return False
 
     # ---------------------------------------------------------------- text
+    @property
+    def tokenizers(self) -> list:
+        names = ("tokenizer", "tokenizer_2", "tokenizer_3")
+        return [t for n in names if (t := getattr(self.pipe, n, None)) is not None]
+
+    def truncation(self, text: str) -> list[tuple[str, int, int]]:
+        """``(tokenizer name, tokens needed, tokens kept)`` for each tokenizer that would cut ``text``."""
+        out = []
+        for tok in self.tokenizers:
+            limit = getattr(tok, "model_max_length", None)
+            if not isinstance(limit, int) or limit > 100_000:
+                continue
+            n = len(tok(text, add_special_tokens=True).input_ids)
+            if n > limit:
+                out.append((type(tok).__name__, n, limit))
+        return out
+
     def _encode(self, text: str, negative: str | None = None) -> tuple[Condition, Condition]:
         """(positive, negative) conditioning of one row, as the pipeline itself encodes them."""
         raise NotImplementedError

@@ -9,6 +9,7 @@ the ``2B`` rows it asked for and its own guidance formula does the rest.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +94,13 @@ class ConditionCache:
 
     def __init__(self, adapter: Any, monitor: Any, text: str):
         self.adapter, self.monitor, self.text = adapter, monitor, text
+        for name, needed, kept in adapter.truncation(text):
+            warnings.warn(
+                f"concept text {text[:60]!r}... is {needed} tokens but {name} keeps {kept}: the phrases past that are "
+                "dropped. Pass fewer concepts, or text='...' with a shorter description, to cover what matters.",
+                UserWarning,
+                stacklevel=4,
+            )
         with bypassing(monitor):
             self.base = adapter.encode_condition(text)
             self.empty_base = adapter.empty_condition()

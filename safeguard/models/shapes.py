@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ def shapes_pipeline(
     Args:
         device: where to put the modules.
         dtype: parameter dtype (weights are stored in fp16 and upcast on load).
-        weights_dir: a folder with ``vae/``, ``unet/`` and ``scheduler/`` (default: the shipped one).
+        weights_dir: a folder with ``vae/``, ``unet/`` and ``scheduler/`` (default: the environment
+            variable ``SAFEGUARD_SHAPESWORLD_WEIGHTS`` if set, else the weights shipped in the package).
         progress: show the pipeline's per-step progress bar.
 
     Returns:
@@ -60,7 +62,9 @@ def shapes_pipeline(
 
     from ..core.errors import MissingWeightsError
 
-    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    if weights_dir is None:
+        weights_dir = os.environ.get("SAFEGUARD_SHAPESWORLD_WEIGHTS") or WEIGHTS_DIR
+    folder = Path(weights_dir)
     missing = [n for n in ("vae", "unet", "scheduler") if not (folder / n).is_dir()]
     if missing:
         raise MissingWeightsError(

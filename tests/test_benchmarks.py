@@ -1,0 +1,158 @@
+"""Smoke test of benchmarks/latency.py: ``--quick`` on the tiny pipelines writes latency.json / .csv / .md
+with the documented schema. Timings are never checked (they depend on the machine), only files, keys, types
+and counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import safeguard
+from safeguard.core.registry import get_defense_class
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "latency.py"
+TINY = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+CALL_KEYS = {
+    "total_s", "phases_s", "phase_calls", "hooks_s", "acted_steps", "report_guarded", "report_steps", "peak_mem_mb",
+    "image_hw",
+}  # fmt: skip
+
+
+@functools.cache
+def load_script():
+    """benchmarks/latency.py as a module (benchmarks/ is not a package)."""
+    name = "safeguard_benchmark_latency"
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def expected_defenses(family: str) -> list[str]:
+    names = [m for m in safeguard.available_methods() if family in get_defense_class(m).families]
+    if {"negative_prompt", "sld"} <= set(names):
+        names.append("negative_prompt+sld")
+    return names
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("latency")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--models", *TINY, "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert res.returncode == 0, f"stdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-5000:]}"
+    return out, res, json.loads((out / "latency.json").read_text())
+
+
+def test_quick_run_writes_json_with_schema(quick_run):
+    data = quick_run[2]
+    assert data["schema"] == "safeguard.benchmarks.latency/1"
+    assert data["errors"] == [] and data["interrupted"] is False
+    s = data["settings"]
+    assert s["quick"] is True and s["batches"] == [1, 2] and s["reps"] == 2 and s["steps"] == 2
+    assert s["models"] == list(TINY) and s["device"] == "cpu" and s["dtype"] == "fp32"
+    m = data["machine"]
+    for key in ("tag", "cpu", "cores", "torch_threads", "device_name", "torch", "diffusers", "transformers",
+                "python", "date", "git_commit"):  # fmt: skip
+        assert key in m
+    assert m["tag"].startswith("cpu-") and m["tag"].endswith("c")
+    assert data["mem_kind"] in ("rss_peak_per_call", "rss_peak_process")
+
+    expected = {
+        (model, d, b) for model, fam in TINY.items() for d in expected_defenses(fam) for b in (1, 2)
+    }  # fmt: skip
+    assert {(c["model"], c["defense"], c["batch"]) for c in data["cases"]} == expected
+    if not expected_defenses("flux"):
+        assert [k["model"] for k in data["skipped"]] == ["tiny-flux"]
+
+    for case in data["cases"]:
+        assert case["family"] == TINY[case["model"]] and case["concept"] == "nudity" and case["steps"] == 2
+        assert len(case["image_size"]) == 2 and is_number(case["wrap_s"])
+        names = case["defense"].split("+")
+        assert len(case["reps"]) == 2 and [r["first"] for r in case["reps"]] == ["unguarded", "guarded"]
+        for rep in case["reps"]:
+            assert is_number(rep["ratio"])
+            for side, guarded in (("unguarded", False), ("guarded", True)):
+                call = rep[side]
+                assert set(call) == CALL_KEYS
+                assert call["report_guarded"] is guarded  # disabled() really ran unguarded, and vice versa
+                assert call["phase_calls"]["denoise"] == 2 and call["phase_calls"]["decode"] == 1
+                assert call["phase_calls"]["text"] >= 1
+                assert sorted(call["hooks_s"]) == sorted(names)
+                assert all(is_number(v) for v in [call["total_s"], call["peak_mem_mb"], *call["phases_s"].values()])
+                assert all(is_number(v) for v in call["hooks_s"].values())
+                assert call["image_hw"] == case["image_size"]
+            assert all(v == 0 for v in rep["unguarded"]["hooks_s"].values())
+        sm = case["summary"]
+        for side in ("unguarded", "guarded"):
+            assert set(sm[side]) >= {"median", "min", "max", "iqr", "split_s_per_img", "hooks_s_per_img", "peak_mem_mb"}
+            assert set(sm[side]["split_s_per_img"]) == {"text", "denoise", "decode", "other"}
+        assert set(sm["ratio"]) == {"median", "min", "max", "of_medians"}
+        assert sorted(sm["hooks_by_defense_s_per_img"]) == sorted(names)
+        assert set(sm["extra_split_s_per_img"]) == {"text", "denoise", "decode"}
+
+
+def test_quick_run_writes_csv_and_markdown(quick_run):
+    out, res, data = quick_run
+    latency = load_script()
+    with (out / "latency.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == latency.CSV_COLUMNS
+        rows = list(reader)
+    assert [(r["model"], r["defense"], int(r["batch"])) for r in rows] == [
+        (c["model"], c["defense"], c["batch"]) for c in data["cases"]
+    ]
+    for row in rows:
+        float(row["unguarded_s_per_img"]), float(row["guarded_s_per_img"]), float(row["ratio_median"])
+        assert row["mem_kind"] == data["mem_kind"]
+
+    md = (out / "latency.md").read_text()
+    header = "| model | defense | batch | steps | s/img unguarded | s/img guarded | ratio | peak memory |"
+    assert header in md
+    table = [line for line in md.splitlines() if line.startswith("| tiny-")]
+    assert len(table) == len(data["cases"])
+    assert header in res.stdout  # the table is printed at the end
+    assert md == latency.render_markdown(data)
+
+
+def test_render_rebuilds_outputs_from_json(quick_run, tmp_path, capsys):
+    out = quick_run[0]
+    latency = load_script()
+    latency.main(["--render", str(out / "latency.json"), "--out", str(tmp_path)])
+    assert (tmp_path / "latency.md").read_text() == (out / "latency.md").read_text()
+    assert (tmp_path / "latency.csv").read_text() == (out / "latency.csv").read_text()
+    assert "| model | defense |" in capsys.readouterr().out
+
+
+def test_missing_shapes_weights_are_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    latency = load_script()
+
+    def missing(device, dtype):
+        raise safeguard.MissingWeightsError("no ShapesWorld weights (test)")
+
+    monkeypatch.setitem(latency.MODELS, "shapes", dataclasses.replace(latency.MODELS["shapes"], build=missing))
+    data = latency.main(["--quick", "--models", "shapes", "--out", str(tmp_path)])
+    assert data["cases"] == []
+    assert [k["model"] for k in data["skipped"]] == ["shapes"] and "weights" in data["skipped"][0]["reason"]
+    captured = capsys.readouterr()
+    assert "skipping shapes" in captured.out + captured.err
+    assert json.loads((tmp_path / "latency.json").read_text())["skipped"] == data["skipped"]
+    assert "shapes: weights missing" in (tmp_path / "latency.md").read_text()
