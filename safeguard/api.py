@@ -18,7 +18,7 @@ from .core.report import CallReport
 P = TypeVar("P")
 
 _GUARDS: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
-DEFAULT_METHOD_PREFERENCE = ("safree", "sld", "negative_prompt")
+DEFAULT_METHOD_PREFERENCE = ("sld", "negative_prompt")  # safree joins once its ShapesWorld numbers are in
 
 MethodSpec = str | DefenseConfig | Iterable[str | DefenseConfig] | None
 

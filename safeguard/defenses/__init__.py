@@ -1,6 +1,7 @@
 """Built-in defenses; importing this package registers them."""
 
 from .negative_prompt import NegativePromptConfig, NegativePromptDefense
+from .safree import SAFREEConfig, SAFREEDefense
 from .sld import SLDConfig, SLDDefense
 
-__all__ = ["NegativePromptConfig", "NegativePromptDefense", "SLDConfig", "SLDDefense"]
+__all__ = ["NegativePromptConfig", "NegativePromptDefense", "SAFREEConfig", "SAFREEDefense", "SLDConfig", "SLDDefense"]
