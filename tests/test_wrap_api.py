@@ -207,3 +207,21 @@ def test_truncated_concept_text_warns(sd):
     long = ", ".join(["a very long phrase about something"] * 6)  # far past the tiny tokenizer's 32 tokens
     with pytest.warns(UserWarning, match="tokens but CLIPTokenizer keeps 32"):
         safeguard.wrap(sd, concepts=[long], method="sld")
+
+
+def test_defense_used_directly_as_context_manager_matches_wrap(sd):
+    from safeguard.concepts import resolve_concepts
+    from safeguard.defenses.sld import SLDDefense
+
+    base = hooks(sd)
+    safeguard.wrap(sd, concepts=[TEXT], method="sld", preset="max")
+    wrapped = run(sd)
+    safeguard.unwrap(sd)
+    assert np.abs(run(sd) - wrapped).max() > 1e-4
+    with SLDDefense(safeguard.SLDConfig(preset="max"), resolve_concepts([TEXT])).attach(sd) as defense:
+        np.testing.assert_array_equal(run(sd), wrapped)
+        assert defense.report.acted_steps == [0, 1, 2, 3]
+        assert len(hooks(sd) - base) >= 4
+    assert hooks(sd) == base
+    defense.detach()  # idempotent
+    assert hooks(sd) == base
