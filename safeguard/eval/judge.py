@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,10 @@ class ShapesJudge:
 
         from ..core.errors import MissingWeightsError
 
-        path = Path(weights) if weights is not None else JUDGE_WEIGHTS
+        if weights is None:
+            env = os.environ.get("SAFEGUARD_SHAPESWORLD_WEIGHTS")
+            weights = Path(env) / "judge.safetensors" if env and (Path(env) / "judge.safetensors").exists() else JUDGE_WEIGHTS
+        path = Path(weights)
         if not path.exists():
             raise MissingWeightsError(
                 f"judge weights {str(path)!r} not found; train them with 'python scripts/train_shapesworld.py judge' "
