@@ -48,9 +48,27 @@ class ShapeClassifier(nn.Module):
         return self.head(h)
 
 
+def elastic(x: torch.Tensor, generator: torch.Generator, max_px: float = 4.0) -> torch.Tensor:
+    """Smooth random warp (a 4x4 displacement grid, bicubic-upsampled) of up to ``max_px`` pixels.
+
+    Diffusion models draw shapes with wobbly edges; the judge learns to see through that.
+    """
+    n, _, h, w = x.shape
+    amp = torch.rand(n, 1, 1, 1, generator=generator) * (2 * max_px / h)
+    coarse = (torch.rand(n, 2, 4, 4, generator=generator) * 2 - 1) * amp
+    flow = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    grid = torch.stack([xs, ys], dim=-1).unsqueeze(0) + flow
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 def degrade(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random blur, noise and colour jitter, per image, for training a robust judge."""
+    """Random smooth warp, blur, noise and colour jitter, per image, for training a robust judge."""
     n = x.shape[0]
+    warp = torch.rand(n, generator=generator) < 0.6
+    if warp.any():
+        x = x.clone()
+        x[warp] = elastic(x[warp], generator)
     sigma = torch.rand(n, generator=generator) * 1.6
     out = torch.empty_like(x)
     coords = torch.arange(-3, 4, dtype=x.dtype)
