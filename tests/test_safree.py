@@ -121,3 +121,22 @@ def test_safree_rejects_other_families_and_bad_options(pipe):
         safeguard.wrap(tiny_sdxl(), concepts=["red"], method="safree")
     with pytest.raises(safeguard.InvalidOptionError, match="projection_order"):
         safeguard.wrap(pipe, concepts=["red"], method="safree", projection_order="sideways", overwrite=True)
+
+
+def test_batch_of_prompts_gets_the_same_per_prompt_decisions_as_single_calls(pipe):
+    safeguard.wrap(pipe, concepts=["red"], method="safree", min_steps=50, overwrite=True)
+    prompts = ["a red star on a white background", "a blue circle"]
+    singles = []
+    for p in prompts:
+        pipe(p, num_inference_steps=2, guidance_scale=5.0, output_type="np")
+        singles.append(list(safeguard.api.get_guard(pipe).defenses[0]._entries))
+    pipe(prompts, num_inference_steps=2, guidance_scale=5.0, output_type="np")
+    batch = safeguard.api.get_guard(pipe).defenses[0]._entries
+    report = safeguard.last_report(pipe).defenses[0].details["prompts"]
+    expected = [e for s in singles for e in s]
+    assert expected, "the red prompt is flagged with this config (see the test above)"
+    assert [e.flagged for e in batch] == [e.flagged for e in expected]
+    assert len(report) == len(expected)
+    for a, b in zip(batch, expected):
+        torch.testing.assert_close(a.filtered, b.filtered, atol=1e-5, rtol=1e-5)
+        assert a.steps_of_50 == b.steps_of_50 and abs(a.beta - b.beta) < 1e-5

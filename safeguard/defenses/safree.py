@@ -195,30 +195,41 @@ class SAFREEDefense(Defense):
             return None
         ids, mask = self._ids
         self._ids = None
-        states = output[0]
         self._in_encoder = True
         try:
             with torch.no_grad(), bypassing(self.monitor):
-                for row in range(ids.shape[0]):
-                    entry = self._filter_row(ids[row], None if mask is None else mask[row], states[row])
-                    if entry is not None:
-                        self._entries.append(entry)
+                self._entries += [e for e in self._filter_rows(ids, mask, output[0]) if e is not None]
         finally:
             self._in_encoder = False
         return None
 
-    def _filter_row(self, ids: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor) -> _Filtered | None:
-        real = [
-            i for i in range(len(ids)) if int(ids[i]) not in self.special_ids and (mask is None or int(mask[i]) == 1)
-        ]
-        if len(real) < 2:
-            return None
+    def _filter_rows(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor
+    ) -> list[_Filtered | None]:
+        """Detect and project every prompt of an encoder batch; all masked variants in one encoder call."""
         full_mask = mask if mask is not None else torch.ones_like(ids)
-        variants, vmasks = [], []
-        for i in real:  # the prompt with token i removed, padded at the end
-            variants.append(torch.cat([ids[:i], ids[i + 1 :], ids.new_full((1,), self.pad_id)]))
-            vmasks.append(torch.cat([full_mask[:i], full_mask[i + 1 :], full_mask.new_zeros(1)]))
-        pooled = self._pooled(torch.stack(variants), torch.stack(vmasks))  # (n, D)
+        reals, variants, vmasks = [], [], []
+        for row in range(ids.shape[0]):
+            r_ids, r_mask = ids[row], full_mask[row]
+            real = [i for i in range(len(r_ids)) if int(r_ids[i]) not in self.special_ids and int(r_mask[i]) == 1]
+            reals.append(real if len(real) >= 2 else [])
+            for i in reals[-1]:  # the prompt with token i removed, padded at the end
+                variants.append(torch.cat([r_ids[:i], r_ids[i + 1 :], r_ids.new_full((1,), self.pad_id)]))
+                vmasks.append(torch.cat([r_mask[:i], r_mask[i + 1 :], r_mask.new_zeros(1)]))
+        if not variants:
+            return [None] * ids.shape[0]
+        pooled_all = self._pooled(torch.stack(variants), torch.stack(vmasks))  # (sum of n, D)
+        out: list[_Filtered | None] = []
+        start = 0
+        for row, real in enumerate(reals):
+            pooled = pooled_all[start : start + len(real)]
+            start += len(real)
+            out.append(self._project_row(ids[row], real, pooled, states[row]) if real else None)
+        return out
+
+    def _project_row(
+        self, ids: torch.Tensor, real: list[int], pooled: torch.Tensor, states: torch.Tensor
+    ) -> _Filtered | None:
         resid = pooled.double() - pooled.double() @ self.p_concept  # (I - P_C) p, P symmetric
         d = resid.norm(dim=-1)
         n = len(real)
