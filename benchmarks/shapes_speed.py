@@ -10,31 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import diffusers
-    import transformers
-
-    return dict(
-        cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-        diffusers=diffusers.__version__, transformers=transformers.__version__, python=platform.python_version(),
-    )  # fmt: skip
+from latency import machine_facts  # benchmarks/latency.py, beside this script
 
 
 def main() -> None:
@@ -66,7 +47,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = dict(
         defaults=dict(steps=pipe.default_num_inference_steps, guidance=pipe.default_guidance_scale), results=results,
-        machine=machine(),
+        machine=machine_facts(torch.device("cpu")),
     )  # fmt: skip
     out.write_text(json.dumps(data, indent=1))
     print(f"wrote {out}")

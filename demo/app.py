@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:  # demo the checkout this file lives in
 
 import safeguard  # noqa: E402
 from safeguard.core.registry import get_defense_class  # noqa: E402
+from safeguard.core.report import format_steps  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 COMPOSITIONS: tuple[tuple[str, ...], ...] = (("negative_prompt", "sld"),)  # shown where every part is registered
@@ -402,20 +403,6 @@ def upscale(image: Image.Image, min_px: int = MIN_DISPLAY_PX) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def _step_ranges(steps: Sequence[int]) -> str:
-    steps = sorted(steps)
-    parts: list[str] = []
-    start = prev = steps[0]
-    for s in [*steps[1:], None]:
-        if s is not None and s == prev + 1:
-            prev = s
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if s is not None:
-            start = prev = s
-    return ", ".join(parts)
-
-
 def _cell(value: Any, limit: int = 90) -> str:
     text = value if isinstance(value, str) else repr(value)
     text = text if len(text) <= limit else text[: limit - 3] + "..."
@@ -449,7 +436,7 @@ def format_report(report: Any, request: Request, t_plain: float, t_guarded: floa
     ]
     for d in report.defenses:
         if d.acted_steps:
-            acted = f"{_step_ranges(d.acted_steps)} ({len(d.acted_steps)} of {report.steps})"
+            acted = f"{format_steps(list(d.acted_steps), sep=', ')} ({len(d.acted_steps)} of {report.steps})"
         else:
             acted = "none"
         details = "; ".join(f"{k}={_cell(v)}" for k, v in d.details.items()) or "-"

@@ -45,7 +45,7 @@ class CallReport:
         head = f"call {self.call_index}: " + ("guarded" if self.guarded else "UNGUARDED (safeguard.disabled)")
         lines = [f"{head}, {self.steps} denoiser steps, {self.time_s * 1e3:.1f} ms in hooks"]
         for d in self.defenses:
-            steps = _ranges(d.acted_steps) if d.acted_steps else "none"
+            steps = format_steps(d.acted_steps) if d.acted_steps else "none"
             extra = ", ".join(f"{k}={v}" for k, v in d.details.items())
             lines.append(
                 f"  {d.name}: acted on steps {steps}; {d.time_s * 1e3:.1f} ms" + (f"; {extra}" if extra else "")
@@ -53,14 +53,16 @@ class CallReport:
         return "\n".join(lines)
 
 
-def _ranges(steps: list[int]) -> str:
+def format_steps(steps: list[int], sep: str = ",") -> str:
+    """Step numbers as ranges, e.g. ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    steps = sorted(steps)
     out: list[str] = []
     start = prev = steps[0]
-    for s in [*steps[1:], None]:  # type: ignore[list-item]
+    for s in [*steps[1:], None]:
         if s is not None and s == prev + 1:
             prev = s
             continue
         out.append(f"{start}" if start == prev else f"{start}-{prev}")
         if s is not None:
             start = prev = s
-    return ",".join(out)
+    return sep.join(out)

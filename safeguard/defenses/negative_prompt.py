@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.base import get_path
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
 from ..core.registry import register_defense
@@ -42,10 +43,7 @@ class NegativePromptConfig(DefenseConfig):
 
     def validate(self) -> None:
         self._check_number("merge_weight", 0.0, 1.0)
-        if self.text is not None and (not isinstance(self.text, str) or not self.text.strip()):
-            from ..core.errors import InvalidOptionError
-
-            raise InvalidOptionError(f"NegativePromptConfig.text={self.text!r} must be non-blank text or None.")
+        self._check_optional_text("text")
 
 
 @register_defense
@@ -82,8 +80,6 @@ class NegativePromptDefense(Defense):
         concept, empty = self.conditions.get(kwargs)
         if self._rows is None:
             ref = adapter.cond_paths[0]
-            from ..adapters.base import get_path
-
             neg = get_path(kwargs, ref)[:b]
             same = [bool(torch.allclose(neg[i : i + 1], empty[ref], atol=1e-4, rtol=1e-4)) for i in range(b)]
             self._rows = ([i for i in range(b) if same[i]], [i for i in range(b) if not same[i]])

@@ -165,7 +165,6 @@ class SAFREEDefense(Defense):
         self._entries: list[_Filtered] = []
         self._active_rows: list[int] = []
         self._row_entries: list[_Filtered | None] | None = None
-        self.report.details.pop("inactive", None)
 
     # ------------------------------------------------------------------ text encoder
     def _pooled(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -77,10 +77,7 @@ class SLDConfig(DefenseConfig):
         self._check_number("threshold", 0.0, 1.0)
         self._check_number("momentum_scale", 0.0, None)
         self._check_number("momentum_beta", 0.0, 1.0)
-        if self.text is not None and (not isinstance(self.text, str) or not self.text.strip()):
-            from ..core.errors import InvalidOptionError
-
-            raise InvalidOptionError(f"SLDConfig.text={self.text!r} must be non-blank text or None.")
+        self._check_optional_text("text")
 
 
 @register_defense
