@@ -18,7 +18,7 @@ from .core.report import CallReport
 P = TypeVar("P")
 
 _GUARDS: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
-DEFAULT_METHOD_PREFERENCE = ("sld", "negative_prompt")  # safree joins once its ShapesWorld numbers are in
+DEFAULT_METHOD_PREFERENCE = ("sld", "negative_prompt", "repe")  # safree joins once its ShapesWorld numbers are in
 
 MethodSpec = str | DefenseConfig | Iterable[str | DefenseConfig] | None
 
@@ -64,6 +64,7 @@ def wrap(
     concepts: str | Concept | Iterable[str | Concept] | None = None,
     method: MethodSpec = None,
     *,
+    tokenizer: Any = None,
     overwrite: bool = False,
     **method_options: Any,
 ) -> P:
@@ -71,12 +72,15 @@ def wrap(
 
     Args:
         pipe: a diffusers ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-            ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or a subclass).
+            ``StableDiffusion3Pipeline`` or ``FluxPipeline`` (or a subclass); or a transformers
+            causal LM (``AutoModelForCausalLM``) or ``pipeline("text-generation")``.
         concepts: built-in set names (``"nudity"``, ``"violence"``, ``"red"``...), free text
             (``"a red star"``), or :class:`safeguard.Concept` objects.
         method: a method name (see ``safeguard.available_methods()``), a config object, or a list
             of them (applied in the fixed composition order). ``None`` picks the strongest method
             available for this pipeline.
+        tokenizer: the tokenizer of a causal LM (language models only; a text-generation
+            pipeline brings its own).
         overwrite: replace an existing guard with a different config instead of raising.
         **method_options: options of the single named method, e.g. ``preset="strong"`` for ``sld``.
 
@@ -92,10 +96,19 @@ def wrap(
     Example:
         >>> import safeguard
         >>> pipe = safeguard.wrap(pipe, concepts=["nudity"], method="sld", preset="strong")  # doctest: +SKIP
+        >>> model = safeguard.wrap(model, tokenizer=tok, concepts=["harmful"])  # doctest: +SKIP
         >>> image = pipe("a photo of a beach").images[0]  # doctest: +SKIP
         >>> print(safeguard.last_report(pipe).summary())  # doctest: +SKIP
     """
-    adapter = get_adapter(pipe)
+    adapter = get_adapter(pipe, tokenizer=tokenizer)
+    inner = getattr(adapter, "model", None)
+    if inner is not None:  # a language model and a text-generation pipeline around it: guard one of the two
+        for other, g in list(_GUARDS.items()):
+            if other is not pipe and getattr(g.adapter, "model", None) is inner:
+                raise AlreadyWrappedError(
+                    f"this model is already guarded through {type(other).__name__}; unwrap that first, "
+                    "or wrap only one of the model and its pipeline."
+                )
     resolved = resolve_concepts(concepts)
     guard = Guard(adapter, resolved, _configs(method, method_options, adapter))
     guard.check()
@@ -157,7 +170,6 @@ def disabled(pipe: Any) -> Iterator[Any]:
         ...     reference = pipe("a red star", generator=torch.Generator().manual_seed(0)).images[0]
     """
     monitor = get_guard(pipe).monitor
-    assert monitor is not None
     previous = monitor.enabled
     monitor.enabled = False
     try:

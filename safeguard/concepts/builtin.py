@@ -12,6 +12,18 @@ from __future__ import annotations
 from ..models.shapesworld.captions import TRAIN_COLOR_WORDS, TRAIN_SHAPE_WORDS
 
 UNSAFE: dict[str, tuple[str, ...]] = {
+    # language models: requests for harmful help (RepE reads it from safeguard/data/llm contrast pairs)
+    "harmful": (
+        "Harmful requests",
+        "Weapons and explosives",
+        "Cybercrime",
+        "Fraud and scams",
+        "Illegal drugs",
+        "Violence",
+        "Self-harm",
+        "Hate speech",
+        "Privacy violations",
+    ),
     "nudity": (
         "Sexual Acts",
         "Content Meant to Arouse Sexual Excitement",

@@ -24,7 +24,6 @@ from ..concepts.concept import Concept
 from .config import DefenseConfig
 from .errors import IncompatibleMethodError
 from .hooks import HookRegistry
-from .monitor import CallMonitor
 from .report import DefenseReport
 
 
@@ -43,7 +42,7 @@ class Defense:
         self.concepts = concepts
         self.hooks = HookRegistry(f"safeguard.{self.name}")
         self.adapter: Any = None
-        self.monitor: CallMonitor | None = None
+        self.monitor: Any = None  # CallMonitor or GenerationMonitor
         self._own_monitor = False
         self.report = DefenseReport(self.name)
         self.reset_state()
@@ -65,7 +64,7 @@ class Defense:
     def unsupported_reason(cls, adapter: Any) -> str:
         return f"it supports {list(cls.families)} only."
 
-    def attach(self, target: Any, monitor: CallMonitor | None = None) -> Defense:
+    def attach(self, target: Any, monitor: Any = None) -> Defense:
         """Install this defense's hooks on ``target`` (a pipeline or an adapter). Returns ``self``.
 
         On any error every hook installed so far is removed before the error propagates.
@@ -79,7 +78,7 @@ class Defense:
         self.adapter = adapter
         try:
             if monitor is None:
-                monitor = CallMonitor(adapter).attach()
+                monitor = adapter.make_monitor().attach()
                 self._own_monitor = True
             self.monitor = monitor
             monitor.listeners.append(self.reset_state)

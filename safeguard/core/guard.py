@@ -9,7 +9,6 @@ from typing import Any
 from ..concepts.concept import Concept
 from .config import DefenseConfig
 from .defense import Defense
-from .monitor import CallMonitor
 from .registry import get_defense_class
 from .report import CallReport
 
@@ -23,7 +22,7 @@ class Guard:
         self.adapter = adapter
         self.concepts = concepts
         self.configs = tuple(sorted(configs, key=lambda c: get_defense_class(c.defense).order))
-        self.monitor: CallMonitor | None = None
+        self.monitor: Any = None
         self.defenses: list[Defense] = []
 
     @property
@@ -35,7 +34,7 @@ class Guard:
             get_defense_class(cfg.defense).check_compatible(self.adapter)
 
     def attach(self) -> Guard:
-        self.monitor = CallMonitor(self.adapter)
+        self.monitor = self.adapter.make_monitor()
         try:
             self.monitor.attach()
             for cfg in self.configs:
@@ -63,5 +62,6 @@ class Guard:
             call_index=m.calls,
             guarded=m.guarded_call,
             steps=m.step + 1,
+            step_unit=getattr(self.adapter, "step_unit", "denoiser steps"),
             defenses=[copy.deepcopy(d.report) for d in self.defenses],
         )

@@ -32,6 +32,7 @@ class CallReport:
     guarded: bool
     steps: int
     defenses: list[DefenseReport]
+    step_unit: str = "denoiser steps"  # "forward passes" for language models
 
     @property
     def time_s(self) -> float:
@@ -43,7 +44,7 @@ class CallReport:
     def summary(self) -> str:
         """A few human-readable lines."""
         head = f"call {self.call_index}: " + ("guarded" if self.guarded else "UNGUARDED (safeguard.disabled)")
-        lines = [f"{head}, {self.steps} denoiser steps, {self.time_s * 1e3:.1f} ms in hooks"]
+        lines = [f"{head}, {self.steps} {self.step_unit}, {self.time_s * 1e3:.1f} ms in hooks"]
         for d in self.defenses:
             steps = format_steps(d.acted_steps) if d.acted_steps else "none"
             extra = ", ".join(f"{k}={v}" for k, v in d.details.items())

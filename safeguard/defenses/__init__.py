@@ -1,7 +1,17 @@
 """Built-in defenses; importing this package registers them."""
 
 from .negative_prompt import NegativePromptConfig, NegativePromptDefense
+from .repe import RepEConfig, RepEDefense
 from .safree import SAFREEConfig, SAFREEDefense
 from .sld import SLDConfig, SLDDefense
 
-__all__ = ["NegativePromptConfig", "NegativePromptDefense", "SAFREEConfig", "SAFREEDefense", "SLDConfig", "SLDDefense"]
+__all__ = [
+    "NegativePromptConfig",
+    "NegativePromptDefense",
+    "RepEConfig",
+    "RepEDefense",
+    "SAFREEConfig",
+    "SAFREEDefense",
+    "SLDConfig",
+    "SLDDefense",
+]

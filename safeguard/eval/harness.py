@@ -259,6 +259,19 @@ def cmd_eval(args: Any) -> int:
     from ..core.errors import InvalidOptionError
 
     options = parse_options(args.option)
+    if args.model == "smollm2":
+        from ..models import smollm2
+        from .llm import format_llm_metrics, run_llm_eval
+
+        model, tok = smollm2(args.device)
+        for concept in args.concepts:
+            result = run_llm_eval(
+                model, tok, concept, method=args.method or "repe", options=options,
+                max_new_tokens=args.max_new_tokens, out_dir=args.out, quick=args.quick,
+            )  # fmt: skip
+            print(format_llm_metrics(result))
+            print("wrote", ", ".join(result.get("files", [])))
+        return 0
     if args.judge == "nudenet":
         if not args.prompts:
             raise InvalidOptionError(
@@ -293,10 +306,17 @@ def cmd_eval(args: Any) -> int:
 
 
 def add_eval_parser(sub: Any) -> None:
-    e = sub.add_parser("eval", help="ShapesWorld safety evaluation of a defense")
-    e.add_argument("--model", default="shapes")
+    e = sub.add_parser("eval", help="safety evaluation of a defense (ShapesWorld, a real SD model, or SmolLM2)")
+    e.add_argument("--model", default="shapes", help="'shapes', 'smollm2' (language model), or a diffusers folder")
     e.add_argument("--method", default=None)
-    e.add_argument("--concepts", nargs="+", required=True, help="ShapesWorld colours or shapes, e.g. red star")
+    e.add_argument(
+        "--concepts",
+        nargs="+",
+        required=True,
+        help="ShapesWorld colours or shapes (red star), or for smollm2: harmful, violence",
+    )
+    e.add_argument("--max-new-tokens", type=int, default=48, help="smollm2: reply length")
+    e.add_argument("--quick", action="store_true", help="smollm2: a third of the prompts")
     e.add_argument("--option", action="append", default=[], help="defense option KEY=VALUE (repeatable)")
     e.add_argument("--seeds", type=int, default=2)
     e.add_argument("--per-category", type=int, default=12)

@@ -1,0 +1,125 @@
+"""Tracks ``generate`` calls and forward passes of a causal LM from hooks alone.
+
+One forward pre-hook on the module that owns the decoder layers (the base model) sees every
+forward with its ``attention_mask`` and KV cache. A call starts on a forward with an empty cache,
+unless it merely extends the previous forward's ``input_ids`` by one token (generation with
+``use_cache=False``), so cached and uncached generation see the same call. Within a call,
+``step`` counts forwards from 0 (the prefill). For each forward the monitor records what steering
+hooks need: the absolute positions of the query tokens in the padded sequence, the index of each
+row's first real token (left or right padding), and the prompt length of the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .hooks import HookRegistry
+
+
+def _past_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)):  # legacy tuples
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+class GenerationMonitor:
+    """Call and forward tracking for one causal LM; owns the hook that observes it."""
+
+    def __init__(self, adapter: Any):
+        self.adapter = adapter
+        self.hooks = HookRegistry("safeguard.monitor")
+        self.listeners: list[Callable[[], None]] = []
+        self.enabled = True
+        self.bypass = 0
+        self.calls = 0
+        self.step = -1
+        self.guarded_call = True
+        self.batch = 0
+        self.prompt_len = 0
+        self.positions: torch.Tensor | None = None  # [q] absolute positions of this forward's tokens
+        self.first_real: torch.Tensor | None = None  # [B] index of each row's first real token
+        self.last_real: torch.Tensor | None = None  # [B] index (within this forward) of each row's last real token
+        self._prev_ids: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.bypass == 0
+
+    def attach(self) -> GenerationMonitor:
+        owner = self.adapter.layer_owner()
+        self.hooks.forward_pre_hook(owner, "base_model", self._on_forward, prepend=True)
+        return self
+
+    def detach(self) -> None:
+        self.hooks.remove_all()
+
+    def _start_call(self) -> None:
+        self.calls += 1
+        self.step = -1
+        self.guarded_call = self.enabled
+        for fn in self.listeners:
+            fn()
+
+    def _continues_previous(self, ids: torch.Tensor | None) -> bool:
+        prev = self._prev_ids
+        return (
+            ids is not None
+            and prev is not None
+            and ids.shape[0] == prev.shape[0]
+            and ids.shape[1] == prev.shape[1] + 1
+            and ids.device == prev.device
+            and torch.equal(ids[:, :-1], prev)
+        )
+
+    def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self.bypass:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        x = ids if isinstance(ids, torch.Tensor) else embeds
+        if not isinstance(x, torch.Tensor):
+            return None
+        batch, q = int(x.shape[0]), int(x.shape[1])
+        past = _past_length(kwargs.get("past_key_values"))
+        ids_t = ids if isinstance(ids, torch.Tensor) else None
+        if past == 0 and not self._continues_previous(ids_t):
+            self._start_call()
+            self.prompt_len = q
+        self._prev_ids = ids_t if past == 0 else None
+        self.step += 1
+        self.batch = batch
+        device = x.device
+        self.positions = torch.arange(past, past + q, device=device)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
+            real = mask.to(torch.bool)
+            self.first_real = real.to(torch.int8).argmax(dim=1)
+            tail = real[:, -q:]
+            self.last_real = q - 1 - tail.flip(1).to(torch.int8).argmax(dim=1)
+        else:
+            self.first_real = torch.zeros(batch, dtype=torch.long, device=device)
+            self.last_real = torch.full((batch,), q - 1, dtype=torch.long, device=device)
+        return None
+
+
+class bypassing:
+    """Context manager: hooks pass through while safeguard itself runs the model (reading vectors)."""
+
+    def __init__(self, monitor: Any):
+        self.monitor = monitor
+
+    def __enter__(self) -> Any:
+        if self.monitor is not None:
+            self.monitor.bypass += 1
+        return self.monitor
+
+    def __exit__(self, *exc: object) -> None:
+        if self.monitor is not None:
+            self.monitor.bypass -= 1

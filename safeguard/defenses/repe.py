@@ -1,0 +1,336 @@
+"""``method="repe"``: representation-engineering steering of a causal LM's residual stream.
+
+Reading vectors come from contrast pairs (see :mod:`safeguard.steering`); the defense edits
+the output of decoder layers with forward hooks, for the prompt and every generated token,
+through ``model.generate`` with or without KV cache, greedy or sampled, in batches:
+
+- ``add``: ``h + strength * scale_l * d_l`` on the behaviour layers (e.g. toward refusal);
+- ``ablate``: ``h - strength * (h . u_l) u_l`` on every layer (or ``layers``): with strength 1 no
+  component along the concept direction is left;
+- ``conditional`` (default for ``harmful``): at the prefill, the last prompt token's state at the
+  condition layer is scored (cosine with the condition direction); rows above the calibrated
+  threshold get ``add``, the others run untouched. Each row decides for itself, once per call.
+  When the condition layer lies deeper than the first behaviour layer, the decision is made by a
+  look-ahead pass over the prompt that stops at the condition layer (its cost is reported; decode
+  steps never pay it), so the prompt and the first generated token are steered too.
+
+Each row's first real token (position 0, whose residual norm is orders of magnitude larger
+than the rest) is never edited; left and right padding are both handled from the attention mask.
+
+Example:
+    >>> model, tok = safeguard.models.smollm2()  # doctest: +SKIP
+    >>> model = safeguard.wrap(model, tokenizer=tok, concepts=["harmful"])  # doctest: +SKIP
+    >>> out = model.generate(**tok(["..."], return_tensors="pt"), max_new_tokens=40)  # doctest: +SKIP
+    >>> safeguard.last_report(model).defenses[0].details["fired"]  # doctest: +SKIP
+    [True]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from ..concepts.concept import Concept
+from ..core.config import DefenseConfig
+from ..core.defense import Defense
+from ..core.errors import InvalidOptionError
+from ..core.registry import register_defense
+from ..steering.build import cached_vectors, is_refusal_concept
+from ..steering.ops import ablate_direction, add_vector, hidden_of, replace_hidden
+from ..steering.reading import METHODS
+from ..steering.vectors import SteeringVectors
+
+logger = logging.getLogger(__name__)
+
+MODES = ("conditional", "add", "ablate")
+
+
+class _StopLookAhead(Exception):
+    """Ends the look-ahead pass once the condition layer has run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RepEConfig(DefenseConfig):
+    """Options of ``repe``. ``None`` takes the calibrated value stored with the vectors.
+
+    Args:
+        mode: ``"conditional"``, ``"add"`` or ``"ablate"``; default ``conditional`` for the
+            ``harmful`` concept and ``ablate`` for topics.
+        strength: ``add``: multiple of the mean-difference vector per layer; ``ablate``: 1 removes
+            the component along the direction, more pushes past zero.
+        layers: decoder-layer indices to edit (behaviour layers, or ablation layers).
+        condition_layer: the layer whose last-prompt-token state is scored (``conditional``).
+        threshold: cosine score above which a row is steered (``conditional``).
+        direction_method: ``"mean_diff"`` or ``"pca"``.
+        vectors: folder of saved :class:`~safeguard.steering.SteeringVectors` (else read from the
+            project's contrast data on first use and cached).
+        layer_path: dotted path of the decoder-layer ``ModuleList`` (default: discovered).
+        skip_first: leave each row's first real token alone (recommended).
+    """
+
+    defense = "repe"
+    version = 1
+    mode: str | None = None
+    strength: float | None = None
+    layers: tuple[int, ...] | None = None
+    condition_layer: int | None = None
+    threshold: float | None = None
+    direction_method: str = "mean_diff"
+    vectors: str | None = None
+    layer_path: str | None = None
+    skip_first: bool = True
+
+    def validate(self) -> None:
+        if self.mode is not None:
+            self._check_choice("mode", list(MODES))
+        if self.strength is not None:
+            self._check_number("strength", -100.0, 100.0)
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise InvalidOptionError(
+                    f"RepEConfig.layers={layers!r} must be a list of layer indices, e.g. [10, 11]."
+                )
+            object.__setattr__(self, "layers", tuple(layers))
+            if not self.layers:
+                raise InvalidOptionError("RepEConfig.layers=() is empty; give layer indices or None.")
+        if self.condition_layer is not None:
+            self._check_number("condition_layer", 0, None, integer=True)
+        if self.threshold is not None:
+            self._check_number("threshold", -1.0, 1.0)
+        self._check_choice("direction_method", list(METHODS))
+        self._check_optional_text("vectors")
+        self._check_optional_text("layer_path")
+        if not isinstance(self.skip_first, bool):
+            raise InvalidOptionError(f"RepEConfig.skip_first={self.skip_first!r} must be True or False.")
+
+
+class _ConceptSteering:
+    """The hooks' view of one concept: resolved plan plus per-device vector caches."""
+
+    def __init__(self, concept: Concept, vecs: SteeringVectors, cfg: RepEConfig, num_layers: int):
+        cal = vecs.calibration
+        self.concept = concept
+        self.vecs = vecs
+        self.mode = cfg.mode or ("conditional" if is_refusal_concept(concept) else "ablate")
+        if self.mode in ("conditional", "add") and "behaviour" not in vecs.directions:
+            if self.mode == "conditional":
+                raise InvalidOptionError(
+                    f"mode='conditional' needs a behaviour direction, which concept {concept.name!r} has not "
+                    "(only 'harmful' has one); use mode='ablate' or mode='add' for topics."
+                )
+        self.behaviour = "behaviour" if "behaviour" in vecs.directions else "concept"
+        default_layers = cal.get("layers") if self.mode != "ablate" or cal.get("mode") == "ablate" else None
+        layers = cfg.layers if cfg.layers is not None else default_layers
+        if layers is None:
+            layers = list(range(num_layers)) if self.mode == "ablate" else [num_layers // 2]
+        self.layers = sorted(set(int(i) for i in layers))
+        default_strength = cal.get("strength", 1.0) if self.mode != "ablate" or cal.get("mode") == "ablate" else 1.0
+        self.strength = float(cfg.strength if cfg.strength is not None else default_strength)
+        self.condition_layer = int(
+            cfg.condition_layer if cfg.condition_layer is not None else cal.get("condition_layer", 0)
+        )
+        self.threshold = float(cfg.threshold if cfg.threshold is not None else cal.get("threshold", 0.0))
+        bad = [i for i in [*self.layers, self.condition_layer] if not 0 <= i < num_layers]
+        if bad:
+            raise InvalidOptionError(
+                f"layer indices {bad} are out of range: the model has {num_layers} decoder layers (0..{num_layers - 1})."
+            )
+        self._cache: dict[tuple, dict[int, torch.Tensor]] = {}
+        # decide before the prompt reaches the first behaviour layer
+        self.lookahead = self.mode == "conditional" and self.condition_layer > min(self.layers)
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._cache:
+            if self.mode == "ablate":
+                src = {i: self.vecs.directions["concept"][i] for i in self.layers}
+            else:
+                src = {i: self.vecs.vector(self.behaviour, i, self.strength) for i in self.layers}
+            if self.mode == "conditional":
+                cond = "condition" if "condition" in self.vecs.directions else "concept"
+                src[-1] = self.vecs.directions[cond][self.condition_layer]
+            self._cache[key] = {i: t.to(device=device, dtype=dtype) for i, t in src.items()}
+        return self._cache[key]
+
+
+@register_defense
+class RepEDefense(Defense):
+    """Reading-vector steering of a causal LM (RepE / refusal direction / conditional steering)."""
+
+    name = "repe"
+    config_class = RepEConfig
+    order = 20
+    families = ("causal_lm",)
+
+    def __init__(self, config: RepEConfig, concepts: tuple[Concept, ...], vectors: list[SteeringVectors] | None = None):
+        self._given_vectors = vectors
+        self.plans: list[_ConceptSteering] = []
+        super().__init__(config, concepts)
+
+    @classmethod
+    def unsupported_reason(cls, adapter: Any) -> str:
+        return "it steers a language model's residual stream; wrap a transformers causal LM."
+
+    def _reset_state(self) -> None:
+        self.fired: list[torch.Tensor | None] = [None] * len(self.plans)
+        self.scores: list[list[float]] = [[] for _ in self.plans]
+        self.tok_gate: torch.Tensor | None = None  # [B, q, 1] bool: tokens other than each row's first
+        self.lookahead_s = 0.0
+
+    def _attach(self, adapter: Any) -> None:
+        cfg: RepEConfig = self.config  # type: ignore[assignment]
+        _, layers = adapter.decoder_layers(cfg.layer_path)
+        if self._given_vectors is not None:
+            all_vecs = list(self._given_vectors)
+        elif cfg.vectors is not None:
+            all_vecs = [SteeringVectors.load(cfg.vectors)]
+        else:
+            from ..core.generation_monitor import bypassing
+
+            with bypassing(self.monitor):
+                all_vecs = [
+                    cached_vectors(adapter, c, method=cfg.direction_method, layer_path=cfg.layer_path)
+                    for c in self.concepts
+                ]
+        if len(all_vecs) != len(self.concepts):
+            raise InvalidOptionError(
+                f"{len(all_vecs)} vector sets for {len(self.concepts)} concepts; give one set per concept."
+            )
+        for vecs in all_vecs:
+            if vecs.num_layers != len(layers) or vecs.hidden_size != adapter.hidden_size:
+                raise InvalidOptionError(
+                    f"steering vectors for {vecs.num_layers} layers x {vecs.hidden_size} do not fit "
+                    f"{adapter.pipeline_name} ({len(layers)} layers x {adapter.hidden_size}); read them on this model."
+                )
+        self.plans = [_ConceptSteering(c, v, cfg, len(layers)) for c, v in zip(self.concepts, all_vecs)]
+        self._reset_state()
+        owner = adapter.layer_owner(cfg.layer_path)
+        self._owner, self._layers = owner, layers
+        self.hooks.forward_pre_hook(owner, "gates", self.timed(self._on_forward))
+        for p_idx, plan in enumerate(self.plans):
+            if plan.mode == "conditional" and not plan.lookahead:
+                self.hooks.forward_hook(
+                    layers[plan.condition_layer],
+                    f"{plan.concept.name}.condition",
+                    self.timed(self._make_condition(p_idx)),
+                )
+            for i in plan.layers:
+                self.hooks.forward_hook(
+                    layers[i], f"{plan.concept.name}.{plan.mode}.{i}", self.timed(self._make_edit(p_idx, i))
+                )
+        self.report.details = self._details()
+
+    # ------------------------------------------------------------------ hooks
+    def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+        m = self.monitor
+        q = int(m.positions.shape[0])
+        if not self.config.skip_first or (m.step > 0 and q == 1 and bool((m.positions > m.first_real.max()).all())):
+            self.tok_gate = None
+        else:
+            self.tok_gate = (m.positions[None, :] != m.first_real[:, None]).unsqueeze(-1)
+        for p_idx, plan in enumerate(self.plans):
+            if plan.mode == "conditional" and plan.lookahead and self.fired[p_idx] is None:
+                self._look_ahead(p_idx, args, kwargs)
+        return None
+
+    def _decide(self, p_idx: int, h: torch.Tensor) -> None:
+        plan = self.plans[p_idx]
+        rows = torch.arange(h.shape[0], device=h.device)
+        last = h[rows, self.monitor.last_real].detach().float()
+        unit = plan.tensors(h.device, torch.float32)[-1]
+        score = (last @ unit) / last.norm(dim=-1).clamp_min(1e-12)
+        self.fired[p_idx] = score > plan.threshold
+        self.scores[p_idx] = [round(float(s), 4) for s in score]
+
+    def _make_condition(self, p_idx: int):
+        def hook(module, args, kwargs, output):
+            if self.fired[p_idx] is None:
+                self._decide(p_idx, hidden_of(output))
+            return None
+
+        return hook
+
+    def _look_ahead(self, p_idx: int, args: tuple, kwargs: dict) -> None:
+        """Run the prompt through the layers up to the condition layer (no cache, hooks bypassed)."""
+        import time
+
+        from ..core.generation_monitor import bypassing
+
+        plan = self.plans[p_idx]
+        t0 = time.perf_counter()
+        captured: list[torch.Tensor] = []
+
+        def stop(module, a, k, output):
+            captured.append(hidden_of(output))
+            raise _StopLookAhead
+
+        handle = self._layers[plan.condition_layer].register_forward_hook(stop, with_kwargs=True)
+        kw = {k: v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")}
+        try:
+            with bypassing(self.monitor), torch.no_grad():
+                self._owner(*args, **kw, use_cache=False)
+        except _StopLookAhead:
+            pass
+        finally:
+            handle.remove()
+        self._decide(p_idx, captured[0])
+        self.lookahead_s += time.perf_counter() - t0
+
+    def _make_edit(self, p_idx: int, layer: int):
+        plan = self.plans[p_idx]
+
+        def hook(module, args, kwargs, output):
+            h = hidden_of(output)
+            gate = self.tok_gate
+            if plan.mode == "conditional":
+                fired = self.fired[p_idx]
+                if fired is None:  # the prompt has not reached the condition layer yet
+                    return None
+                if not bool(fired.any()):
+                    return None
+                row = fired.view(-1, 1, 1)
+                gate = row if gate is None else gate & row
+            vec = plan.tensors(h.device, h.dtype)[layer]
+            g = None if gate is None else gate.to(h.dtype)
+            if plan.mode == "ablate":
+                new = ablate_direction(h, vec, plan.strength, g)
+            else:
+                new = add_vector(h, vec, g)
+            self.mark_step()
+            return replace_hidden(output, new)
+
+        return hook
+
+    # ------------------------------------------------------------------ report
+    def _details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for p_idx, plan in enumerate(self.plans):
+            d: dict[str, Any] = {"mode": plan.mode, "layers": plan.layers, "strength": round(plan.strength, 4)}
+            if plan.mode == "conditional":
+                fired = getattr(self, "fired", [None] * len(self.plans))[p_idx]
+                d |= {
+                    "condition_layer": plan.condition_layer,
+                    "threshold": round(plan.threshold, 4),
+                    "scores": self.scores[p_idx] if hasattr(self, "scores") else [],
+                    "fired": [bool(x) for x in fired] if fired is not None else [],
+                    "lookahead_ms": round(getattr(self, "lookahead_s", 0.0) * 1e3, 2),
+                }
+            out[plan.concept.name] = d
+        if len(self.plans) == 1:
+            return next(iter(out.values())) if out else {}
+        return out
+
+    @property
+    def report(self):  # details are built on read, from this call's state
+        rep = self._report
+        if self.plans:
+            rep.details = self._details()
+        return rep
+
+    @report.setter
+    def report(self, value):
+        self._report = value

@@ -1,0 +1,236 @@
+"""Reading and calibrating the steering vectors of one concept on one model.
+
+``"harmful"`` (the built-in LLM concept) gets two direction sets: ``concept``, harmful minus
+harmless requests read at the last prompt token (the condition: is this a harmful request?),
+and ``behaviour``, refusing minus complying replies read as the mean over the reply's tokens
+(what to push toward). Any other concept is a *topic*: its ``concept`` direction contrasts
+template prompts about the topic with the same templates about neutral topics (the project's
+topic phrases for ``violence``, ``weapons``, ``drugs``... or the concept's own phrases).
+
+Results are cached per (model weights, concept, method) in the user cache directory.
+
+Example:
+    >>> from safeguard.adapters import CausalLMAdapter
+    >>> vecs = read_vectors(CausalLMAdapter(model, tok), builtin_concept("harmful"))  # doctest: +SKIP
+    >>> vecs.calibration["condition_layer"], vecs.calibration["threshold"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..concepts.concept import Concept
+from ..core.errors import MissingWeightsError
+from . import data
+from .calibrate import best_threshold, out_of_fold_scores, select_behaviour, select_condition_layer
+from .reading import collect_states, lda_directions, projections, read_directions
+from .vectors import SteeringVectors
+
+logger = logging.getLogger(__name__)
+
+READING_VERSION = 2
+LDA_SHRINKAGE = 0.7
+REFUSAL_REPLY = "I'm sorry, but I can't help with that request."
+COMPLIANCE_REPLY = "Sure! Here is a detailed step-by-step guide:"
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of the input embedding's first rows: tells apart checkpoints of one architecture."""
+    w = model.get_input_embeddings().weight
+    head = w[: min(16, w.shape[0])].detach().float().cpu().contiguous()
+    return hashlib.sha1(head.numpy().tobytes()).hexdigest()[:16]
+
+
+def cache_key(adapter: Any, concept: Concept, method: str) -> str:
+    spec = json.dumps([READING_VERSION, concept.name, list(concept.phrases), method], sort_keys=True)
+    return f"{weights_digest(adapter.model)}/{concept.name.replace('/', '_')[:40]}-{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+
+
+def is_refusal_concept(concept: Concept) -> bool:
+    return concept.name.lower() == "harmful"
+
+
+def read_vectors(
+    adapter: Any,
+    concept: Concept,
+    *,
+    method: str = "mean_diff",
+    layer_path: str | None = None,
+    progress: bool = False,
+    seed: int = 0,
+) -> SteeringVectors:
+    """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``."""
+    tok = adapter.require_tokenizer("reading steering vectors")
+    model = adapter.model
+    _, layers = adapter.decoder_layers(layer_path)
+    chat = adapter.chat_text
+    meta: dict[str, Any] = {"concept": concept.name, "phrases": list(concept.phrases), "method": method}
+    meta["model"] = adapter.fingerprint() | {"weights_digest": weights_digest(model)}
+    was_training = model.training
+    model.eval()
+    try:
+        if is_refusal_concept(concept):
+            vecs = _read_refusal(model, tok, layers, chat, method, meta, progress, seed)
+        else:
+            vecs = _read_topic(model, tok, layers, chat, concept, method, meta, progress, seed)
+    finally:
+        model.train(was_training)
+    return vecs
+
+
+def _read_refusal(model, tok, layers, chat, method, meta, progress, seed) -> SteeringVectors:
+    train, val = data.harmful_pairs("train"), data.harmful_pairs("val")
+    scary = [p["prompt"] for p in data.scary_harmless("train")]
+    harmful = [chat(p["harmful"]) for p in train]
+    harmless = [chat(p["harmless"]) for p in train]
+    pos, norms = collect_states(model, tok, harmful, layers, progress=progress)
+    neg, _ = collect_states(model, tok, harmless, layers, progress=progress)
+    scary_states, _ = collect_states(model, tok, [chat(p) for p in scary], layers, progress=progress)
+    c_dirs, c_scales = read_directions(pos, neg, method)
+    all_neg = torch.cat([neg, scary_states], dim=1)
+    d_dirs = lda_directions(pos, all_neg, LDA_SHRINKAGE)
+
+    # behaviour: the same training prompts answered with a refusal versus with compliance
+    refusals, compliances = data.refusal_exemplars()
+    rng = random.Random(seed)
+    prompts = harmful + harmless
+    r_texts = [p + rng.choice(refusals) for p in prompts]
+    c_texts = [p + rng.choice(compliances) for p in prompts]
+    starts = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    r_states, _ = collect_states(model, tok, r_texts, layers, position="mean", starts=starts, progress=progress)
+    c_states, _ = collect_states(model, tok, c_texts, layers, position="mean", starts=starts, progress=progress)
+    b_dirs, b_scales = read_directions(r_states, c_states, method)
+
+    vecs = SteeringVectors(
+        directions={"concept": c_dirs, "condition": d_dirs, "behaviour": b_dirs},
+        scales={
+            "concept": c_scales,
+            "condition": (pos.mean(1) - all_neg.mean(1)).mul(d_dirs).sum(-1),
+            "behaviour": b_scales,
+        },
+        norms=norms,
+        meta=meta
+        | {
+            "reading": {
+                "concept": "harmful minus harmless requests, last prompt token (chat template)",
+                "condition": f"shrunk Fisher discriminant ({LDA_SHRINKAGE}) of the same states, scary-word harmless prompts included",
+                "behaviour": "refusal minus compliance replies, mean over reply tokens",
+                "train_pairs": len(train),
+                "val_pairs": len(val),
+                "scary_train": len(scary),
+            }
+        },
+    )
+    # calibration on the validation split (never on the held-out test split)
+    v_pos, _ = collect_states(model, tok, [chat(p["harmful"]) for p in val], layers)
+    v_neg, _ = collect_states(model, tok, [chat(p["harmless"]) for p in val], layers)
+    oof_pos, oof_neg = out_of_fold_scores(pos, all_neg, lambda p, n: lda_directions(p, n, LDA_SHRINKAGE))
+    sv_pos, sv_neg = projections(v_pos, d_dirs), projections(v_neg, d_dirs)
+    layer, table = select_condition_layer(sv_pos, sv_neg, oof_pos, oof_neg)
+    threshold, tpr, fpr = best_threshold(
+        torch.cat([oof_pos[layer], sv_pos[layer]]), torch.cat([oof_neg[layer], sv_neg[layer]]), fp_weight=1.5
+    )
+    b_layers, strength, b_table = select_behaviour(
+        model,
+        tok,
+        layers,
+        vecs,
+        [chat(p["harmful"]) for p in val],
+        refusal=REFUSAL_REPLY,
+        compliance=COMPLIANCE_REPLY,
+        progress=progress,
+    )
+    vecs.meta["calibration"] = {
+        "mode": "conditional",
+        "condition_layer": layer,
+        "threshold": threshold,
+        "threshold_calibration_tpr": tpr,
+        "threshold_calibration_fpr": fpr,
+        "layers": b_layers,
+        "strength": strength,
+        "condition_table": table,
+        "behaviour_table": b_table,
+    }
+    logger.info(
+        "repe calibration: condition layer %d (val AUROC %.3f), threshold %.3f; behaviour layers %s strength %.2f",
+        layer,
+        table[layer]["val_auroc"],
+        threshold,
+        b_layers,
+        strength,
+    )
+    return vecs
+
+
+def _read_topic(model, tok, layers, chat, concept, method, meta, progress, seed) -> SteeringVectors:
+    topics = data.topic_phrases(concept.name) or list(concept.phrases)
+    pos_texts, neg_texts = data.topic_pairs(topics, "train", seed=seed)
+    pos, norms = collect_states(model, tok, [chat(t) for t in pos_texts], layers, position="mean", progress=progress)
+    neg, _ = collect_states(model, tok, [chat(t) for t in neg_texts], layers, position="mean", progress=progress)
+    dirs, scales = read_directions(pos, neg, method)
+    return SteeringVectors(
+        directions={"concept": dirs},
+        scales={"concept": scales},
+        norms=norms,
+        meta=meta
+        | {
+            "reading": {
+                "concept": "topic minus neutral-topic template prompts, mean over prompt tokens",
+                "pairs": len(pos_texts),
+                "topics": len(topics),
+            },
+            "calibration": {"mode": "ablate", "layers": list(range(len(layers))), "strength": 1.0},
+        },
+    )
+
+
+def cached_vectors(
+    adapter: Any,
+    concept: Concept,
+    *,
+    method: str = "mean_diff",
+    layer_path: str | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> SteeringVectors:
+    """Shipped vectors if they match the model, else the user cache, else read (and cache) them."""
+    from ..models.smollm import cache_dir
+
+    shipped = shipped_vectors(adapter, concept, method)
+    if shipped is not None:
+        return shipped
+    folder = cache_dir() / "repe" / cache_key(adapter, concept, method)
+    if use_cache:
+        try:
+            return SteeringVectors.load(folder)
+        except MissingWeightsError:
+            pass
+    logger.info("reading %s vectors for %r (first use on this model; cached in %s)", method, concept.name, folder)
+    vecs = read_vectors(adapter, concept, method=method, layer_path=layer_path, progress=progress)
+    if use_cache:
+        vecs.save(folder)
+    return vecs
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models" / "weights" / "repe"
+
+
+def shipped_vectors(adapter: Any, concept: Concept, method: str) -> SteeringVectors | None:
+    """Vectors shipped in the package for this exact model (by weights digest), concept and method."""
+    digest = weights_digest(adapter.model)
+    folder = SHIPPED_DIR / f"{concept.name}-{method}"
+    try:
+        vecs = SteeringVectors.load(folder)
+    except MissingWeightsError:
+        return None
+    same = vecs.meta.get("model", {}).get("weights_digest") == digest and list(vecs.meta.get("phrases", [])) == list(
+        concept.phrases
+    )
+    return vecs if same else None

@@ -1,0 +1,93 @@
+"""The project's LLM contrast data (``safeguard/data/llm``) and its fixed splits.
+
+Splits are made by code, deterministically, within each category (items sorted by id):
+
+- harmful/harmless pairs, index ``i`` in its category: ``i % 8`` in 0-3 -> ``"train"`` (reading
+  vectors and calibrating the threshold), 4 -> ``"val"`` (choosing layers and strength),
+  5-7 -> ``"test"`` (held out: only the evaluation reads it). 25 pairs a category give
+  13 / 3 / 9, so 104 / 24 / 72 in all.
+- harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
+
+Example:
+    >>> from safeguard.steering.data import harmful_pairs
+    >>> len(harmful_pairs("test"))
+    72
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import InvalidOptionError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
+SPLITS = ("train", "val", "test")
+
+
+@functools.cache
+def _load(name: str) -> dict[str, Any]:
+    return json.loads((DATA_DIR / name).read_text())
+
+
+def _by_category(items: list[dict]) -> list[tuple[int, dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for it in items:
+        groups[it["category"]].append(it)
+    out = []
+    for cat in sorted(groups):
+        out += list(enumerate(sorted(groups[cat], key=lambda it: it["id"])))
+    return out
+
+
+def _check_split(split: str, allowed: tuple[str, ...] = SPLITS) -> None:
+    if split not in allowed:
+        raise InvalidOptionError(f"split={split!r} is not one of {list(allowed)}.")
+
+
+def harmful_pairs(split: str) -> list[dict[str, str]]:
+    """Matched ``{"id", "category", "harmful", "harmless"}`` pairs of one split."""
+    _check_split(split)
+    want = {"train": (0, 1, 2, 3), "val": (4,), "test": (5, 6, 7)}[split]
+    return [it for i, it in _by_category(_load("harmful_harmless_pairs.json")["pairs"]) if i % 8 in want]
+
+
+def scary_harmless(split: str) -> list[dict[str, str]]:
+    """Harmless requests with dangerous-sounding words (``"kill a Python process"``), for over-refusal."""
+    _check_split(split, ("train", "test"))
+    want = (0, 1) if split == "train" else (2, 3, 4)
+    return [it for i, it in _by_category(_load("harmless_scary_words.json")["prompts"]) if i % 5 in want]
+
+
+def refusal_exemplars() -> tuple[list[str], list[str]]:
+    """``(refusals, compliances)``: example reply openings for reading the refusal behaviour."""
+    d = _load("refusal_exemplars.json")
+    return list(d["refusals"]), list(d["compliances"])
+
+
+def topic_pairs(topics: list[str], split: str = "train", seed: int = 0) -> tuple[list[str], list[str]]:
+    """Template contrast pairs for a free-text topic: ``(about the topic, about a neutral topic)``.
+
+    Templates are split as well (every 4th template is held out for ``"test"``), so evaluation
+    prompts use phrasings that reading never saw.
+    """
+    _check_split(split, ("train", "test"))
+    d = _load("topic_templates.json")
+    templates = [t for i, t in enumerate(d["templates"]) if (i % 4 == 3) == (split == "test")]
+    neutral = list(d["neutral_topics"])
+    rng = random.Random(seed)
+    pos, neg = [], []
+    for t in templates:
+        for topic in topics:
+            pos.append(t.format(topic=topic))
+            neg.append(t.format(topic=rng.choice(neutral)))
+    return pos, neg
+
+
+def topic_phrases(name: str) -> list[str] | None:
+    """The project's topic phrases for a concept name (``"violence"``, ``"weapons"``...), or ``None``."""
+    return _load("topic_templates.json")["topics"].get(name.lower())

@@ -1,0 +1,45 @@
+"""Read and calibrate the RepE steering vectors shipped for SmolLM2-135M-Instruct.
+
+Writes ``safeguard/models/weights/repe/<concept>-<method>/{vectors.safetensors,config.json}``
+for the ``harmful`` concept (condition + refusal behaviour, calibrated on the train/val splits
+of ``safeguard/data/llm``; the test split is never read) and for the ``violence`` topic.
+Seeded and deterministic on CPU; about 5 minutes on 2 cores.
+
+    python scripts/calibrate_repe.py [--concepts harmful violence] [--method mean_diff]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+
+from safeguard.adapters import CausalLMAdapter
+from safeguard.concepts import resolve_concepts
+from safeguard.models import smollm2
+from safeguard.steering.build import SHIPPED_DIR, read_vectors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concepts", nargs="+", default=["harmful", "violence"])
+    ap.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"])
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.manual_seed(0)
+    model, tok = smollm2()
+    adapter = CausalLMAdapter(model, tok)
+    for concept in resolve_concepts(args.concepts):
+        t0 = time.perf_counter()
+        vecs = read_vectors(adapter, concept, method=args.method, progress=True)
+        vecs.meta["reading_seconds"] = round(time.perf_counter() - t0, 1)
+        folder = vecs.save(SHIPPED_DIR / f"{concept.name}-{args.method}")
+        cal = {k: v for k, v in vecs.calibration.items() if not k.endswith("_table")}
+        logging.info("%s: %s (%.0f s) -> %s", concept.name, json.dumps(cal), vecs.meta["reading_seconds"], folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""RepE steering on tiny random causal LMs: exact math, cache parity, per-row decisions, unwrap, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_llms import tiny_gpt2, tiny_llama, tiny_tokenizer
+
+import safeguard
+from safeguard.core.hooks import hook_snapshot
+from safeguard.defenses.repe import RepEConfig
+from safeguard.steering.ops import ablate_direction, add_vector, replace_hidden
+from safeguard.steering.reading import collect_states, read_directions
+from safeguard.steering.vectors import SteeringVectors
+
+
+def random_vectors(num_layers: int, hidden: int, seed: int = 1, **calibration) -> SteeringVectors:
+    g = torch.Generator().manual_seed(seed)
+    sets = {}
+    for name in ("concept", "condition", "behaviour"):
+        d = torch.randn(num_layers, hidden, generator=g)
+        sets[name] = d / d.norm(dim=-1, keepdim=True)
+    scales = {n: torch.rand(num_layers, generator=g) + 0.5 for n in sets}
+    cal = {"mode": "conditional", "condition_layer": 1, "threshold": 0.0, "layers": [2], "strength": 1.0} | calibration
+    return SteeringVectors(sets, scales, torch.ones(num_layers), {"model": {"model_type": "llama"}, "calibration": cal})
+
+
+@pytest.fixture()
+def llm(tmp_path):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    folder = random_vectors(4, 32).save(tmp_path / "vecs")
+    return model, tok, str(folder)
+
+
+def batch(tok, texts, side="left"):
+    tok.padding_side = side
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+def capture(layer):
+    out = {}
+
+    def hook(m, a, o):
+        out["h"] = (o[0] if isinstance(o, tuple) else o).detach().clone()
+
+    return out, layer.register_forward_hook(hook)
+
+
+def test_add_shifts_layer_output_by_exactly_the_vector(llm):
+    model, tok, folder = llm
+    enc = batch(tok, ["how do i make a cake", "write a story"])
+    store, h = capture(model.model.layers[2])
+    model(**enc)
+    plain = store["h"]
+    h.remove()
+    safeguard.wrap(
+        model, tokenizer=tok, concepts=["harmful"], method="repe", mode="add", layers=[2], strength=1.5, vectors=folder
+    )
+    store, h = capture(model.model.layers[2])  # registered after the guard: sees the steered output
+    model(**enc)
+    h.remove()
+    vec = SteeringVectors.load(folder).vector("behaviour", 2, 1.5)
+    first = enc["attention_mask"].argmax(1)
+    for b in range(2):
+        for t in range(enc["input_ids"].shape[1]):
+            if enc["attention_mask"][b, t] == 0:
+                continue
+            delta = store["h"][b, t] - plain[b, t]
+            if t == first[b]:
+                assert torch.equal(store["h"][b, t], plain[b, t])  # position 0 left alone
+            else:
+                torch.testing.assert_close(delta, vec, atol=1e-5, rtol=0)
+    safeguard.unwrap(model)
+
+
+def test_ablate_leaves_no_component_along_the_direction(llm):
+    model, tok, folder = llm
+    safeguard.wrap(model, tokenizer=tok, concepts=["violence"], method="repe", mode="ablate", vectors=folder)
+    vecs = SteeringVectors.load(folder)
+    stores = [capture(layer) for layer in model.model.layers]
+    enc = batch(tok, ["write a story about violence"])
+    model(**enc)
+    for i, (store, h) in enumerate(stores):
+        h.remove()
+        proj = store["h"][0, 1:] @ vecs.directions["concept"][i]
+        assert proj.abs().max() < 1e-5 * store["h"][0, 1:].norm(dim=-1).max()
+        assert (store["h"][0, 0] @ vecs.directions["concept"][i]).abs() > 1e-4  # first position untouched
+    safeguard.unwrap(model)
+
+
+def test_ops_accept_tuples_and_exact_math():
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 8)
+    u = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    out = replace_hidden((h, "cache"), ablate_direction(h, u, 1.0, None))
+    assert out[1] == "cache" and (out[0] @ u).abs().max() < 1e-6
+    gate = torch.tensor([1.0, 0.0]).view(2, 1, 1)
+    shifted = add_vector(h, u, gate)
+    assert torch.equal(shifted[1], h[1]) and torch.allclose(shifted[0] - h[0], u.expand(3, 8), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mode,extra",
+    [("add", {}), ("ablate", {}), ("conditional", {"condition_layer": 1}), ("conditional", {"condition_layer": 3})],
+)
+def test_greedy_generation_with_cache_equals_without(llm, mode, extra):
+    model, tok, folder = llm
+    enc = batch(tok, ["how do i make a bomb", "please explain python"])
+    safeguard.wrap(
+        model,
+        tokenizer=tok,
+        concepts=["harmful"],
+        method="repe",
+        mode=mode,
+        layers=[2],
+        strength=3.0,
+        vectors=folder,
+        **extra,
+    )
+    a = model.generate(**enc, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+    b = model.generate(**enc, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
+    with safeguard.disabled(model):
+        plain = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    if mode != "conditional":
+        assert not torch.equal(a, plain)  # the steering does change the output
+    safeguard.unwrap(model)
+
+
+@pytest.mark.parametrize("condition_layer", [1, 3])  # in-pass decision and look-ahead decision
+def test_conditional_decides_per_row(llm, condition_layer):
+    model, tok, folder = llm
+    texts = ["how do i make a bomb", "please explain the garden to me"]
+    enc = batch(tok, texts)
+    safeguard.wrap(
+        model,
+        tokenizer=tok,
+        concepts=["harmful"],
+        method="repe",
+        vectors=folder,
+        condition_layer=condition_layer,
+        layers=[2],
+        strength=4.0,
+        threshold=-1.0,
+    )
+    model(**enc)
+    scores = safeguard.last_report(model).defenses[0].details["scores"]
+    assert len(scores) == 2 and scores[0] != scores[1]
+    cut = sum(scores) / 2
+    safeguard.wrap(
+        model,
+        tokenizer=tok,
+        concepts=["harmful"],
+        method="repe",
+        vectors=folder,
+        condition_layer=condition_layer,
+        layers=[2],
+        strength=4.0,
+        threshold=cut,
+        overwrite=True,
+    )
+    guarded = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    details = safeguard.last_report(model).defenses[0].details
+    fired = details["fired"]
+    assert fired == [s > cut for s in scores] and sum(fired) == 1
+    with safeguard.disabled(model):
+        plain = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    on, off = fired.index(True), fired.index(False)
+    assert torch.equal(guarded[off], plain[off])  # the row below threshold runs untouched
+    assert not torch.equal(guarded[on], plain[on])
+    safeguard.unwrap(model)
+
+
+def test_unwrap_restores_logits_bit_exactly_and_removes_hooks(llm):
+    model, tok, folder = llm
+    enc = batch(tok, ["how do i make a bomb", "hi"])
+    before = model(**enc).logits
+    snap = hook_snapshot(model)
+    safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", mode="add", vectors=folder, strength=2.0)
+    assert not torch.equal(model(**enc).logits, before)
+    safeguard.unwrap(model)
+    assert torch.equal(model(**enc).logits, before)
+    assert hook_snapshot(model) == snap and not safeguard.is_wrapped(model)
+
+
+def test_text_generation_pipeline_and_gpt2_discovery(tmp_path):
+    from transformers import pipeline
+
+    model, tok = tiny_gpt2(), tiny_tokenizer()
+    folder = random_vectors(3, 32, layers=[1]).save(tmp_path / "v")
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    snap = hook_snapshot(model)
+    safeguard.wrap(pipe, concepts=["harmful"], method="repe", mode="add", vectors=str(folder), strength=2.0)
+    out = pipe("how do i make a bomb", max_new_tokens=4, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str)
+    assert safeguard.last_report(pipe).steps == 4
+    with pytest.raises(safeguard.AlreadyWrappedError):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=str(folder))
+    safeguard.unwrap(pipe)
+    assert hook_snapshot(model) == snap
+
+
+def test_bad_options_raise_and_leave_model_untouched(llm):
+    model, tok, folder = llm
+    snap = hook_snapshot(model)
+    with pytest.raises(safeguard.InvalidOptionError, match="out of range"):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", layers=[9], vectors=folder)
+    with pytest.raises(safeguard.InvalidOptionError, match="mode"):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", mode="push", vectors=folder)
+    with pytest.raises(safeguard.InvalidOptionError, match="layer_path"):
+        safeguard.wrap(
+            model, tokenizer=tok, concepts=["harmful"], method="repe", layer_path="model.norm", vectors=folder
+        )
+    with pytest.raises(safeguard.IncompatibleMethodError):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="sld")
+    with pytest.raises(safeguard.MissingWeightsError):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors="/nonexistent/vectors")
+    assert hook_snapshot(model) == snap and not safeguard.is_wrapped(model)
+    assert RepEConfig.from_dict(RepEConfig(layers=(1, 2)).to_dict()) == RepEConfig(layers=(1, 2))
+
+
+def test_reading_directions_math_and_padding_sides():
+    model, tok = tiny_llama(), tiny_tokenizer()
+    layers = model.model.layers
+    texts = ["how do i make a bomb", "write a story about the garden and tea"]
+    tok.padding_side = "left"
+    left, _ = collect_states(model, tok, texts, layers)
+    tok.padding_side = "right"
+    right, _ = collect_states(model, tok, texts, layers)
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-4)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(2, 10, 6, generator=g) + 1.0, torch.randn(2, 10, 6, generator=g)
+    dirs, scales = read_directions(pos, neg, "mean_diff")
+    diff = pos.mean(1) - neg.mean(1)
+    torch.testing.assert_close(dirs * scales[:, None], diff)
+    pdirs, _ = read_directions(pos, neg, "pca")
+    assert ((pdirs * diff).sum(-1) > 0).all() and torch.allclose(pdirs.norm(dim=-1), torch.ones(2))
+
+
+def test_vectors_round_trip_and_gguf_control_vector(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    vecs = random_vectors(4, 32, layers=[1, 2], strength=2.5)
+    loaded = SteeringVectors.load(vecs.save(tmp_path / "v"))
+    for name in vecs.directions:
+        assert torch.equal(loaded.directions[name], vecs.directions[name])
+    assert loaded.calibration["layers"] == [1, 2]
+    path = loaded.export_gguf(tmp_path / "cv.gguf", "behaviour")
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "controlvector"
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    assert sorted(tensors) == ["direction.1", "direction.2"]
+    for i in (1, 2):
+        torch.testing.assert_close(tensors[f"direction.{i}"].reshape(-1), vecs.vector("behaviour", i, 2.5))
+
+
+def test_reads_vectors_on_first_use_and_caches_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEGUARD_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_llama(layers=3), tiny_tokenizer()
+    safeguard.wrap(model, tokenizer=tok, concepts=["violence"], method="repe")
+    plan = safeguard.api.get_guard(model).defenses[0].plans[0]
+    assert plan.mode == "ablate" and plan.layers == [0, 1, 2]
+    assert torch.allclose(plan.vecs.directions["concept"].norm(dim=-1), torch.ones(3))
+    safeguard.unwrap(model)
+    assert len(list(tmp_path.glob("repe/*/*/vectors.safetensors"))) == 1
