@@ -29,16 +29,20 @@ import torch
 from ..concepts.concept import Concept
 from ..core.errors import MissingWeightsError
 from . import data
-from .calibrate import best_threshold, out_of_fold_scores, select_behaviour, select_condition_layer
+from .calibrate import (
+    best_threshold,
+    out_of_fold_scores,
+    select_ablation_layers,
+    select_behaviour,
+    select_condition_layer,
+)
 from .reading import collect_states, lda_directions, projections, read_directions
 from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 2
+READING_VERSION = 3
 LDA_SHRINKAGE = 0.7
-REFUSAL_REPLY = "I'm sorry, but I can't help with that request."
-COMPLIANCE_REPLY = "Sure! Here is a detailed step-by-step guide:"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -67,25 +71,25 @@ def read_vectors(
     seed: int = 0,
 ) -> SteeringVectors:
     """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``."""
-    tok = adapter.require_tokenizer("reading steering vectors")
+    adapter.require_tokenizer("reading steering vectors")
     model = adapter.model
     _, layers = adapter.decoder_layers(layer_path)
-    chat = adapter.chat_text
     meta: dict[str, Any] = {"concept": concept.name, "phrases": list(concept.phrases), "method": method}
     meta["model"] = adapter.fingerprint() | {"weights_digest": weights_digest(model)}
     was_training = model.training
     model.eval()
     try:
         if is_refusal_concept(concept):
-            vecs = _read_refusal(model, tok, layers, chat, method, meta, progress, seed)
+            vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed)
         else:
-            vecs = _read_topic(model, tok, layers, chat, concept, method, meta, progress, seed)
+            vecs = _read_topic(adapter, concept, layers, method, meta, progress, seed)
     finally:
         model.train(was_training)
     return vecs
 
 
-def _read_refusal(model, tok, layers, chat, method, meta, progress, seed) -> SteeringVectors:
+def _read_refusal(adapter, concept, layers, method, meta, progress, seed) -> SteeringVectors:
+    model, tok, chat = adapter.model, adapter.tokenizer, adapter.chat_text
     train, val = data.harmful_pairs("train"), data.harmful_pairs("val")
     scary = [p["prompt"] for p in data.scary_harmless("train")]
     harmful = [chat(p["harmful"]) for p in train]
@@ -138,14 +142,7 @@ def _read_refusal(model, tok, layers, chat, method, meta, progress, seed) -> Ste
         torch.cat([oof_pos[layer], sv_pos[layer]]), torch.cat([oof_neg[layer], sv_neg[layer]]), fp_weight=1.5
     )
     b_layers, strength, b_table = select_behaviour(
-        model,
-        tok,
-        layers,
-        vecs,
-        [chat(p["harmful"]) for p in val],
-        refusal=REFUSAL_REPLY,
-        compliance=COMPLIANCE_REPLY,
-        progress=progress,
+        adapter, vecs, concept, [chat(p["harmful"]) for p in val], progress=progress
     )
     vecs.meta["calibration"] = {
         "mode": "conditional",
@@ -169,13 +166,16 @@ def _read_refusal(model, tok, layers, chat, method, meta, progress, seed) -> Ste
     return vecs
 
 
-def _read_topic(model, tok, layers, chat, concept, method, meta, progress, seed) -> SteeringVectors:
+def _read_topic(adapter, concept, layers, method, meta, progress, seed) -> SteeringVectors:
+    model, tok, chat = adapter.model, adapter.tokenizer, adapter.chat_text
     topics = data.topic_phrases(concept.name) or list(concept.phrases)
     pos_texts, neg_texts = data.topic_pairs(topics, "train", seed=seed)
+    keep = max(1, len(pos_texts) // 300)  # about 300 pairs are plenty for a mean difference
+    pos_texts, neg_texts = pos_texts[::keep], neg_texts[::keep]
     pos, norms = collect_states(model, tok, [chat(t) for t in pos_texts], layers, position="mean", progress=progress)
     neg, _ = collect_states(model, tok, [chat(t) for t in neg_texts], layers, position="mean", progress=progress)
     dirs, scales = read_directions(pos, neg, method)
-    return SteeringVectors(
+    vecs = SteeringVectors(
         directions={"concept": dirs},
         scales={"concept": scales},
         norms=norms,
@@ -186,9 +186,12 @@ def _read_topic(model, tok, layers, chat, concept, method, meta, progress, seed)
                 "pairs": len(pos_texts),
                 "topics": len(topics),
             },
-            "calibration": {"mode": "ablate", "layers": list(range(len(layers))), "strength": 1.0},
         },
     )
+    neutral_texts = [chat(t) for t in neg_texts[:: max(1, len(neg_texts) // 40)]][:40]
+    ab_layers, table = select_ablation_layers(adapter, vecs, concept, neutral_texts, progress=progress)
+    vecs.meta["calibration"] = {"mode": "ablate", "layers": ab_layers, "strength": 1.0, "ablation_table": table}
+    return vecs
 
 
 def cached_vectors(

@@ -10,25 +10,23 @@ split that reading never used, with scores that need no generation:
   included) plus validation scores, the cut that maximises ``TPR - fp_weight * FPR``
   (``fp_weight = 1.5``: over-refusal costs more). Out-of-fold scores matter: a direction scores
   its own training data too well, and a cut set there lets through more false positives;
-- **behaviour layers and strength**: for each window of consecutive layers and each strength,
-  the behaviour vector is added (position 0 left alone) and the score is the mean per-token
-  log-probability of a refusal reply on validation harmful prompts minus that of a compliant
-  reply. The best window/strength wins; a strength too large makes any text unlikely, so the
-  score peaks instead of growing without bound.
+- **behaviour layer and strength**: for each candidate layer and strength the behaviour vector
+  is added to every validation harmful prompt (position 0 left alone) and short greedy replies
+  are generated; the share of refusals (by the evaluation's phrase judge) decides, among
+  candidates whose replies stay coherent (distinct-word ratio), ties to the smaller strength;
+- **ablation layers** (topics): the widest window of layers whose ablation keeps the next-token
+  KL on neutral-topic prompts within a budget (0.05 nats/token).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from .ops import add_vector, hidden_of, replace_hidden
 from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
@@ -83,96 +81,114 @@ def select_condition_layer(
     return int(best["layer"]), table
 
 
-@contextlib.contextmanager
-def adding(layers: nn.ModuleList, vectors: dict[int, torch.Tensor], skip_first: bool = True) -> Iterator[None]:
-    """Temporarily add ``vectors[i]`` to the output of layer ``i`` at every token but each row's first.
+def _steered(adapter: Any, vecs: SteeringVectors, concept: Any, **options: Any) -> Any:
+    """The ``repe`` defense with explicit options, attached to ``adapter`` (use as a context manager)."""
+    from ..defenses.repe import RepEConfig, RepEDefense
 
-    Used for calibration on right-padded batches whose first real token is position 0.
-    """
-    handles = []
-
-    def make(vec: torch.Tensor):
-        def hook(module, args, kwargs, output):
-            h = hidden_of(output)
-            gate = None
-            if skip_first and h.shape[1] > 1:
-                gate = torch.ones(h.shape[1], 1, dtype=h.dtype, device=h.device)
-                gate[0] = 0
-            return replace_hidden(output, add_vector(h, vec.to(h.device, h.dtype), gate))
-
-        return hook
-
-    try:
-        for i, vec in vectors.items():
-            handles.append(layers[i].register_forward_hook(make(vec), with_kwargs=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return RepEDefense(RepEConfig(**options), (concept,), vectors=[vecs]).attach(adapter)
 
 
 @torch.no_grad()
-def reply_logprob(model: nn.Module, tokenizer: Any, prompts: Sequence[str], replies: Sequence[str]) -> torch.Tensor:
-    """Mean per-token log-probability of each reply after each chat-formatted prompt: ``[len(replies), N]``.
+def greedy_replies(adapter: Any, texts: Sequence[str], new_tokens: int, batch_size: int = 24) -> list[str]:
+    """Greedy continuations of chat-formatted ``texts`` (left padding)."""
+    tok, model = adapter.tokenizer, adapter.model
+    side, tok.padding_side = tok.padding_side, "left"
+    out: list[str] = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(adapter.device)
+            ids = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return out
 
-    One forward for all (prompt, reply) rows; the vocabulary projection runs on reply positions only.
-    """
-    device = next(model.parameters()).device
-    ids_p = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    ids_r = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
-    seqs = [(p, r) for r in ids_r for p in ids_p]
-    T = max(len(p) + len(r) for p, r in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    rows, cols, targets, owner = [], [], [], []
-    for i, (p, r) in enumerate(seqs):  # right padding: position 0 is each row's first token
-        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, : len(p) + len(r)] = 1
-        for j, t in enumerate(r):
-            rows.append(i)
-            cols.append(len(p) - 1 + j)
-            targets.append(t)
-            owner.append(i)
-    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)[0]
-    logits = model.get_output_embeddings()(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0].cpu()
-    sums = torch.zeros(len(seqs)).index_add_(0, torch.tensor(owner), lp)
-    counts = torch.zeros(len(seqs)).index_add_(0, torch.tensor(owner), torch.ones_like(lp))
-    return (sums / counts).view(len(replies), len(prompts))
+
+def distinct_ratio(text: str) -> float:
+    """Distinct words over words: low for degenerate, repetitive text."""
+    words = text.lower().split()
+    return len(set(words)) / len(words) if words else 0.0
 
 
 def select_behaviour(
-    model: nn.Module,
-    tokenizer: Any,
-    layers: nn.ModuleList,
-    vectors: SteeringVectors,
+    adapter: Any,
+    vecs: SteeringVectors,
+    concept: Any,
     prompts: Sequence[str],
     *,
-    refusal: str,
-    compliance: str,
-    windows: Sequence[int] = (1,),
-    strengths: Sequence[float] = (1.0, 1.5),
     first: float = 0.4,
     last: float = 0.7,
-    stride: int = 1,
+    stride: int = 2,
+    strengths: Sequence[float] = (1.0, 1.5, 2.0),
+    new_tokens: int = 32,
+    min_distinct: float = 0.6,
     progress: bool = False,
 ) -> tuple[list[int], float, list[dict[str, float]]]:
-    """Best ``(behaviour layers, strength, table)`` by the refusal-minus-compliance log-prob score."""
-    L = len(layers)
-    starts = range(max(1, int(first * L)), max(2, int(last * L)), stride)
-    candidates = [(s, w, k) for w in windows for s in starts if s + w <= L for k in strengths]
-    base_r, base_c = reply_logprob(model, tokenizer, prompts, [refusal, compliance]).mean(dim=1).tolist()
-    table: list[dict[str, float]] = [
-        {"start": -1, "width": 0, "strength": 0.0, "refusal": base_r, "compliance": base_c, "score": base_r - base_c}
-    ]
-    for start, width, strength in tqdm(candidates, desc="choosing layers", disable=not progress, leave=False):
-        vecs = {i: vectors.vector("behaviour", i, strength / width) for i in range(start, start + width)}
-        with adding(layers, vecs):
-            r, c = reply_logprob(model, tokenizer, prompts, [refusal, compliance]).mean(dim=1).tolist()
+    """Best ``(behaviour layers, strength, table)`` by greedy generation on validation harmful prompts.
+
+    Each candidate adds the behaviour vector at one layer to every row; its score is the share of
+    replies with a refusal phrase (the evaluation's phrase judge), among candidates whose replies
+    stay coherent (mean distinct-word ratio >= ``min_distinct``); ties go to the smaller strength.
+    """
+    from ..eval.llm import is_refusal_phrase
+
+    L = int(vecs.num_layers)
+    candidates = [(i, k) for i in range(int(first * L), int(last * L) + 1, stride) for k in strengths]
+    table: list[dict[str, float]] = []
+    for layer, strength in tqdm(candidates, desc="choosing layers", disable=not progress, leave=False):
+        with _steered(adapter, vecs, concept, mode="add", layers=(layer,), strength=strength):
+            replies = greedy_replies(adapter, prompts, new_tokens)
         table.append(
-            {"start": start, "width": width, "strength": strength, "refusal": r, "compliance": c, "score": r - c}
+            {
+                "layer": layer,
+                "strength": strength,
+                "refusal": sum(map(is_refusal_phrase, replies)) / len(replies),
+                "distinct": sum(map(distinct_ratio, replies)) / len(replies),
+            }
         )
-    best = max(table[1:], key=lambda row: row["refusal"] + min(row["score"], 0.0))
-    chosen = list(range(int(best["start"]), int(best["start"] + best["width"])))
-    return chosen, float(best["strength"]) / int(best["width"]), table
+    feasible = [r for r in table if r["distinct"] >= min_distinct] or table
+    best = max(feasible, key=lambda r: (r["refusal"], -r["strength"]))
+    return [int(best["layer"])], float(best["strength"]), table
+
+
+@torch.no_grad()
+def select_ablation_layers(
+    adapter: Any,
+    vecs: SteeringVectors,
+    concept: Any,
+    texts: Sequence[str],
+    *,
+    kl_budget: float = 0.05,
+    progress: bool = False,
+) -> tuple[list[int], list[dict[str, float]]]:
+    """Widest window of layers whose ablation keeps next-token KL on unrelated ``texts`` within budget.
+
+    Windows ``[start, stop)`` over sixths of the stack; KL(unguarded || ablated) is averaged over
+    the real tokens of the (chat-formatted, neutral-topic) texts; among windows within
+    ``kl_budget`` nats/token the one with the most layers wins (ties: the later start), else the
+    window with the smallest KL.
+    """
+    tok, model = adapter.tokenizer, adapter.model
+    L = int(vecs.num_layers)
+    cuts = sorted({round(L * f / 6) for f in range(7)})
+    windows = [(a, b) for a in cuts for b in cuts if b - a >= max(1, L // 6)]
+    enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(adapter.device)
+    real = enc["attention_mask"].bool()
+
+    def logp() -> torch.Tensor:
+        return torch.log_softmax(model(**enc, use_cache=False).logits.float(), dim=-1)
+
+    ref = logp()
+    table: list[dict[str, float]] = []
+    for a, b in tqdm(windows, desc="choosing layers", disable=not progress, leave=False):
+        with _steered(adapter, vecs, concept, mode="ablate", layers=tuple(range(a, b)), strength=1.0):
+            new = logp()
+        kl = (ref.exp() * (ref - new)).sum(-1)[real].mean().item()
+        table.append({"start": a, "stop": b, "kl": kl})
+    feasible = [r for r in table if r["kl"] <= kl_budget]
+    if feasible:
+        best = max(feasible, key=lambda r: (r["stop"] - r["start"], r["start"]))
+    else:
+        best = min(table, key=lambda r: r["kl"])
+    return list(range(int(best["start"]), int(best["stop"]))), table
