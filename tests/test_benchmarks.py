@@ -156,3 +156,57 @@ def test_missing_shapes_weights_are_skipped_with_a_note(tmp_path, monkeypatch, c
     assert "skipping shapes" in captured.out + captured.err
     assert json.loads((tmp_path / "latency.json").read_text())["skipped"] == data["skipped"]
     assert "shapes: weights missing" in (tmp_path / "latency.md").read_text()
+
+
+LLM_SCRIPT = REPO / "benchmarks" / "llm.py"
+LLM_VARIANTS = ["unguarded", "repe-conditional", "repe-add", "repe-ablate", "steering-vectors-add"]
+
+
+def test_llm_quick_run_writes_files_and_schema(tmp_path):
+    """benchmarks/llm.py --quick (tiny random Llama, no SmolLM2): llm.json / .csv / .md and their schema."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(LLM_SCRIPT), "--quick", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert res.returncode == 0, f"stdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-5000:]}"
+    data = json.loads((tmp_path / "llm.json").read_text())
+    assert data["schema"] == "safeguard.benchmarks.llm/1"
+    assert data["errors"] == [] and data["interrupted"] is False
+    s = data["settings"]
+    assert s["quick"] is True and s["batches"] == [1, 8] and s["reps"] == 2 and s["model"] == "tiny-llama"
+    assert s["calibration"]["layers"] == [1] and s["calibration"]["condition_layer"] == 2
+    assert data["machine"]["tag"].startswith("cpu-")
+    peer_installed = importlib.util.find_spec("steering_vectors") is not None
+    variants = LLM_VARIANTS if peer_installed else LLM_VARIANTS[:-1]
+    assert [(c["batch"], c["variant"]) for c in data["cases"]] == [(b, v) for b in (1, 8) for v in variants]
+    for case in data["cases"]:
+        assert len(case["reps"]) == 2 and case["new_tokens"] == s["new_tokens"] and case["prompt_tokens"] > 0
+        for rep in case["reps"]:
+            assert all(is_number(rep[k]) for k in ("prefill_s", "full_s", "tokens_per_s", "prefill_ratio"))
+            assert is_number(rep["decode_ratio"])
+            if case["variant"] == "unguarded":
+                assert rep["prefill_ratio"] == rep["decode_ratio"] == 1.0
+        sm = case["summary"]
+        for key in ("prefill_s", "tokens_per_s", "prefill_ratio", "decode_ratio"):
+            assert set(sm[key]) >= {"median", "min", "max"}
+        assert set(sm["prefill_ratio"]) == set(sm["decode_ratio"]) == {"median", "min", "max", "of_medians"}
+        assert (sm["fired"] == 1.0) if case["variant"] == "repe-conditional" else sm["fired"] is None
+
+    spec = importlib.util.spec_from_file_location("safeguard_benchmark_llm", LLM_SCRIPT)
+    llm = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = llm
+    spec.loader.exec_module(llm)
+    with (tmp_path / "llm.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == llm.CSV_COLUMNS
+        assert [(int(r["batch"]), r["variant"]) for r in reader] == [(c["batch"], c["variant"]) for c in data["cases"]]
+    md = (tmp_path / "llm.md").read_text()
+    assert "| batch | variant | prefill | prefill x | decode tok/s | decode x | fired |" in md
+    assert md == llm.render_markdown(data) and md.splitlines()[0] in res.stdout
+
+    peer = data["peer"]
+    if not peer_installed:
+        assert peer["available"] is False and [k["variant"] for k in data["skipped"]] == ["steering-vectors-add"]
+        pytest.skip("steering-vectors is not installed (pip install --no-deps steering-vectors): peer rows not checked")
+    assert peer["available"] is True and peer["layers"] == [1] and data["skipped"] == []
+    for batch in ("1", "8"):  # the peer adds exactly what repe's add mode adds (repe with skip_first=False)
+        assert peer["check"][batch]["max_abs_logit_diff"] < 1e-4 and peer["check"][batch]["same_tokens"] is True
