@@ -165,7 +165,7 @@ def mean_kl(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
     return float(torch.cat(kls).mean())
 
 
-def perplexity(model: Any, tok: Any, prompts: list[str], replies: list[str], nll_of: Any = None) -> float:
+def perplexity(model: Any, tok: Any, prompts: list[str], replies: list[str]) -> float:
     """Perplexity of the replies given the prompts (teacher forced)."""
     lps = reply_token_logprobs(model, tok, prompts, replies)
     r_ids = [tok(r, add_special_tokens=False)["input_ids"][:48] or [tok.eos_token_id] for r in replies]

@@ -41,7 +41,7 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 3
+READING_VERSION = 4
 LDA_SHRINKAGE = 0.7
 
 
@@ -188,8 +188,8 @@ def _read_topic(adapter, concept, layers, method, meta, progress, seed) -> Steer
             },
         },
     )
-    neutral_texts = [chat(t) for t in neg_texts[:: max(1, len(neg_texts) // 40)]][:40]
-    ab_layers, table = select_ablation_layers(adapter, vecs, concept, neutral_texts, progress=progress)
+    neutral_prompts = list(neg_texts[:: max(1, len(neg_texts) // 24)])[:24]
+    ab_layers, table = select_ablation_layers(adapter, vecs, concept, neutral_prompts, progress=progress)
     vecs.meta["calibration"] = {"mode": "ablate", "layers": ab_layers, "strength": 1.0, "ablation_table": table}
     return vecs
 

@@ -14,8 +14,8 @@ split that reading never used, with scores that need no generation:
   is added to every validation harmful prompt (position 0 left alone) and short greedy replies
   are generated; the share of refusals (by the evaluation's phrase judge) decides, among
   candidates whose replies stay coherent (distinct-word ratio), ties to the smaller strength;
-- **ablation layers** (topics): the widest window of layers whose ablation keeps the next-token
-  KL on neutral-topic prompts within a budget (0.05 nats/token).
+- **ablation layers** (topics): the widest window of layers whose ablation keeps the perplexity
+  of the model's own replies to neutral-topic training prompts within 5% of unguarded.
 """
 
 from __future__ import annotations
@@ -157,38 +157,37 @@ def select_ablation_layers(
     adapter: Any,
     vecs: SteeringVectors,
     concept: Any,
-    texts: Sequence[str],
+    prompts: Sequence[str],
     *,
-    kl_budget: float = 0.05,
+    max_ppl_ratio: float = 1.05,
+    new_tokens: int = 32,
     progress: bool = False,
 ) -> tuple[list[int], list[dict[str, float]]]:
-    """Widest window of layers whose ablation keeps next-token KL on unrelated ``texts`` within budget.
+    """Widest window of layers whose ablation keeps the perplexity of unrelated text within budget.
 
-    Windows ``[start, stop)`` over sixths of the stack; KL(unguarded || ablated) is averaged over
-    the real tokens of the (chat-formatted, neutral-topic) texts; among windows within
-    ``kl_budget`` nats/token the one with the most layers wins (ties: the later start), else the
-    window with the smallest KL.
+    The unrelated text is the unguarded model's own greedy replies to neutral-topic training
+    prompts (plain user messages); each window ``[start, stop)`` over sixths of the stack is
+    ablated and the replies' perplexity (teacher forced) is compared with the unguarded one.
+    Among windows within ``max_ppl_ratio`` the one with the most layers wins (ties: the later
+    start), else the window with the smallest ratio.
     """
+    from ..eval.llm import generate_replies, perplexity
+
     tok, model = adapter.tokenizer, adapter.model
     L = int(vecs.num_layers)
     cuts = sorted({round(L * f / 6) for f in range(7)})
     windows = [(a, b) for a in cuts for b in cuts if b - a >= max(1, L // 6)]
-    enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(adapter.device)
-    real = enc["attention_mask"].bool()
-
-    def logp() -> torch.Tensor:
-        return torch.log_softmax(model(**enc, use_cache=False).logits.float(), dim=-1)
-
-    ref = logp()
+    prompts = list(prompts)
+    replies = generate_replies(model, tok, prompts, max_new_tokens=new_tokens, batch_size=len(prompts))
+    base = perplexity(model, tok, prompts, replies)
     table: list[dict[str, float]] = []
     for a, b in tqdm(windows, desc="choosing layers", disable=not progress, leave=False):
         with _steered(adapter, vecs, concept, mode="ablate", layers=tuple(range(a, b)), strength=1.0):
-            new = logp()
-        kl = (ref.exp() * (ref - new)).sum(-1)[real].mean().item()
-        table.append({"start": a, "stop": b, "kl": kl})
-    feasible = [r for r in table if r["kl"] <= kl_budget]
+            ratio = perplexity(model, tok, prompts, replies) / base
+        table.append({"start": a, "stop": b, "ppl_ratio": ratio})
+    feasible = [r for r in table if r["ppl_ratio"] <= max_ppl_ratio]
     if feasible:
         best = max(feasible, key=lambda r: (r["stop"] - r["start"], r["start"]))
     else:
-        best = min(table, key=lambda r: r["kl"])
+        best = min(table, key=lambda r: r["ppl_ratio"])
     return list(range(int(best["start"]), int(best["stop"]))), table
