@@ -5,6 +5,7 @@ Commands:
     eval       the ShapesWorld safety evaluation harness (erasure, ASR, preservation, latency)
     methods    list the registered defenses and their options
     concepts   list the built-in concept sets
+    sae        collect activations and train TopK sparse autoencoders (sae collect / train / modules)
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_eval_parser(sub)
     except ImportError:
         pass
+    from .sae.cli import add_sae_parser
+
+    add_sae_parser(sub)
     return p
 
 
