@@ -2,6 +2,7 @@
 
 from .negative_prompt import NegativePromptConfig, NegativePromptDefense
 from .repe import RepEConfig, RepEDefense
+from .sae_text import SAETextConfig, SAETextDefense
 from .safree import SAFREEConfig, SAFREEDefense
 from .sld import SLDConfig, SLDDefense
 
@@ -10,6 +11,8 @@ __all__ = [
     "NegativePromptDefense",
     "RepEConfig",
     "RepEDefense",
+    "SAETextConfig",
+    "SAETextDefense",
     "SAFREEConfig",
     "SAFREEDefense",
     "SLDConfig",

@@ -1,0 +1,232 @@
+"""``method="sae_text"``: Concept Steerers (Kim & Ghadiyaram 2025) as text-encoder hooks.
+
+A TopK sparse autoencoder sits on one text-encoder layer. The concept's activation is the SAE
+code of the concept text's tokens at that layer, encoded *without* top-k (all ReLU
+pre-activations) and averaged over its real non-special tokens; the steering vector is
+``strength * decode(code)`` without the decoder bias. The vector is added to every real token of
+the prompt at that layer (strength < 0 steers away from the concept), and its opposite to the
+negative prompt when guidance is on.
+
+Which encoding is the prompt and which the negative prompt is decided where it is certain: at
+the denoiser, whose guided batch is ``[negative rows; positive rows]``. Every encoding gets
+``+strength * v``; a second pass of the encoder on the same input, with ``-strength * v``, is kept
+beside it, and the denoiser's negative rows are swapped for their second-pass version. So the
+order in which a pipeline encodes prompt and negative prompt never matters. Work is per prompt
+(one extra encoder pass), none per denoising step beyond a row lookup.
+
+Limits: embeddings passed as ``prompt_embeds=`` were made outside the pipeline's encoder, so
+their intermediate layer cannot be steered; such calls run unguarded with a warning.
+
+Example:
+    >>> pipe = safeguard.wrap(pipe, concepts=["red"], method="sae_text", strength=-1.0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.config import DefenseConfig
+from ..core.defense import Defense
+from ..core.errors import InvalidOptionError, MissingWeightsError
+from ..core.monitor import bypassing
+from ..core.registry import register_defense
+from ..steering.ops import hidden_of, replace_hidden
+from .guidance import concept_text
+
+logger = logging.getLogger(__name__)
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "weights" / "sae"
+
+
+@dataclasses.dataclass(frozen=True)
+class SAETextConfig(DefenseConfig):
+    """Options of ``sae_text``.
+
+    Args:
+        strength: multiple of the decoded concept activation added to the prompt's tokens
+            (negative removes; Concept Steerers uses -0.5 for nudity and -0.7 for violence).
+        sae: folder of the SAE (sparsify or SAELens layout); default: the SAE shipped for the
+            embedded ShapesWorld model.
+        module: dotted path of the text-encoder layer the SAE was trained on, from the pipeline
+            (e.g. ``"text_encoder.text_model.encoder.layers.9"``); default: recorded with the SAE.
+        negative: add the opposite vector to the negative prompt under guidance.
+        text: text to encode for the concept instead of its phrases joined with ', '.
+    """
+
+    defense = "sae_text"
+    version = 1
+    strength: float = -1.0
+    sae: str | None = None
+    module: str | None = None
+    negative: bool = True
+    text: str | None = None
+
+    def validate(self) -> None:
+        self._check_number("strength", -100.0, 100.0)
+        self._check_optional_text("sae")
+        self._check_optional_text("module")
+        self._check_optional_text("text")
+        if not isinstance(self.negative, bool):
+            raise InvalidOptionError(f"SAETextConfig.negative={self.negative!r} must be True or False.")
+
+
+def _module_of(folder: Path) -> str | None:
+    meta = folder / "activations_meta.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("module")
+    return None
+
+
+@register_defense
+class SAETextDefense(Defense):
+    """Concept Steerers: steer a text-encoder layer along the SAE decoding of the concept."""
+
+    name = "sae_text"
+    config_class = SAETextConfig
+    order = 30
+    families = ("sd",)
+
+    @classmethod
+    def unsupported_reason(cls, adapter: Any) -> str:
+        return "it needs one text encoder with an SAE trained on it (SD 1.x/2.x for now)."
+
+    def _reset_state(self) -> None:
+        self.sign = 1.0
+        self.mask: torch.Tensor | None = None
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (+v encoding, -v encoding) per row
+        self.warned = False
+
+    def _attach(self, adapter: Any) -> None:
+        from ..sae import load_sae
+
+        cfg: SAETextConfig = self.config  # type: ignore[assignment]
+        folder = Path(cfg.sae) if cfg.sae else SHIPPED / "text"
+        if not folder.exists():
+            raise MissingWeightsError(
+                f"no SAE at {folder}; train one with `python -m safeguard sae train --module <text-encoder layer>` "
+                "and pass sae='<its folder>'."
+            )
+        module = cfg.module or _module_of(folder)
+        if module is None:
+            raise InvalidOptionError(f"the SAE in {folder} does not record its layer; pass module='<dotted path>'.")
+        try:
+            layer = adapter.pipe.get_submodule(module) if hasattr(adapter.pipe, "get_submodule") else None
+        except AttributeError:
+            layer = None
+        if layer is None:
+            component, _, rest = module.partition(".")
+            root = getattr(adapter.pipe, component, None)
+            try:
+                layer = root.get_submodule(rest) if root is not None else None
+            except AttributeError:
+                layer = None
+        if layer is None:
+            raise InvalidOptionError(f"module={module!r} is not a module of {adapter.pipeline_name}.")
+        encoder = adapter.text_encoders[0]
+        self.sae = load_sae(folder, device=adapter.device, dtype=torch.float32)
+        d = self.sae.cfg.d_in
+        self.encoder, self.layer = encoder, layer
+        self.vector = cfg.strength * self._concept_vector(adapter, cfg.text or concept_text(self.concepts), d)
+        self.report.details = {
+            "module": module,
+            "strength": cfg.strength,
+            "vector_norm": round(float(self.vector.norm()), 4),
+        }
+        self.hooks.forward_pre_hook(encoder, "mask", self.timed(self._on_encoder_pre))
+        self.hooks.forward_hook(layer, "steer", self._on_layer)  # also runs (bypassed monitor) in the second pass
+        self.hooks.forward_hook(encoder, "second_pass", self.timed(self._on_encoder))
+        self.hooks.forward_pre_hook(adapter.denoiser, "swap_negative", self.timed(self._on_denoise))
+
+    @torch.no_grad()
+    def _concept_vector(self, adapter: Any, text: str, d: int) -> torch.Tensor:
+        tok = adapter.tokenizers[0]
+        enc = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        captured: list[torch.Tensor] = []
+        handle = self.layer.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
+        try:
+            with bypassing(self.monitor):
+                kwargs = {}
+                if (
+                    getattr(self.encoder.config, "use_attention_mask", False)
+                    or "bert" in type(self.encoder).__name__.lower()
+                ):
+                    kwargs["attention_mask"] = enc["attention_mask"].to(adapter.device)
+                self.encoder(enc["input_ids"].to(adapter.device), **kwargs)
+        finally:
+            handle.remove()
+        h = captured[0][0].float()
+        ids = enc["input_ids"][0]
+        special = torch.tensor(
+            tok.get_special_tokens_mask(ids.tolist(), already_has_special_tokens=True), dtype=torch.bool
+        )
+        keep = enc["attention_mask"][0].bool() & ~special
+        codes = self.sae.encode_dense(h[keep.to(h.device)], topk=False).mean(0)
+        if h.shape[-1] != d:
+            raise InvalidOptionError(f"the SAE expects width {d} but the layer outputs {h.shape[-1]}.")
+        return (codes @ self.sae.W_dec.float()).detach()
+
+    # ------------------------------------------------------------------ hooks
+    def _on_encoder_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if isinstance(mask, torch.Tensor) else None
+        return None
+
+    def _on_layer(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        m = self.monitor
+        if m is None or not m.enabled or (m.bypass and self.sign > 0):
+            return None  # concept encoding, or safeguard.disabled()
+        h = hidden_of(output)
+        vec = (self.sign * self.vector).to(h.device, h.dtype)
+        gate = self.mask.to(h.dtype).unsqueeze(-1) if self.mask is not None and self.mask.shape == h.shape[:2] else None
+        return replace_hidden(output, h + (vec if gate is None else gate * vec))
+
+    def _on_encoder(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self.config.negative:
+            return None
+        first = hidden_of(output) if not hasattr(output, "last_hidden_state") else output.last_hidden_state
+        self.sign = -1.0
+        try:
+            with bypassing(self.monitor), torch.no_grad():
+                again = module(*args, **kwargs)
+        finally:
+            self.sign = 1.0
+        second = again.last_hidden_state if hasattr(again, "last_hidden_state") else hidden_of(again)
+        for a, b in zip(first, second):
+            self.pairs.append((a.detach(), b.detach()))
+        return None
+
+    def _on_denoise(self, module: Any, args: tuple, kwargs: dict) -> Any:
+        ehs = kwargs.get("encoder_hidden_states")
+        if not isinstance(ehs, torch.Tensor):
+            return None
+        if not self.pairs:
+            if not self.warned:
+                warnings.warn(
+                    "sae_text: this call passed prompt_embeds made outside the pipeline's text encoder; the SAE's "
+                    "layer cannot be steered, so the call runs unguarded. Pass prompt= instead.",
+                    stacklevel=2,
+                )
+                self.warned = True
+            return None
+        self.mark_step()
+        if not (self.config.negative and self.adapter.cfg_active()):
+            return None
+        n = ehs.shape[0] // 2
+        rows = list(ehs)
+        changed = False
+        for i in range(n):
+            for a, b in self.pairs:
+                if a.shape == rows[i].shape and torch.equal(a, rows[i]):
+                    rows[i] = b.to(ehs.dtype)
+                    changed = True
+                    break
+        if not changed:
+            return None
+        return args, {**kwargs, "encoder_hidden_states": torch.stack(rows)}

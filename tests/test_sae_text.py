@@ -1,0 +1,129 @@
+"""sae_text (Concept Steerers) on a tiny BERT-encoder SD pipeline with a random SAE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_pipelines import tiny_bert_sd
+
+import safeguard
+from safeguard.core.hooks import hook_snapshot
+from safeguard.sae import SAEConfig, TopKSAE, save_sae
+
+MODULE = "text_encoder.encoder.layer.0"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    pipe = tiny_bert_sd()
+    folder = tmp_path_factory.mktemp("sae")
+    save_sae(TopKSAE(SAEConfig(d_in=32, num_latents=128, k=8), generator=torch.Generator().manual_seed(0)), folder)
+    yield pipe, str(folder)
+    safeguard.unwrap(pipe)
+
+
+def run(pipe, **kw):
+    kw.setdefault("prompt", "a red star on a white background")
+    out = pipe(
+        num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np", **kw
+    )
+    return np.asarray(out.images)
+
+
+def encode(pipe, text, vec):
+    """The pipeline's encoding of ``text`` with ``vec`` added at the SAE layer (by hand)."""
+    tok = pipe.tokenizer
+    t = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    mask = t.attention_mask
+
+    def hook(m, a, o):
+        h = o[0] if isinstance(o, tuple) else o
+        h = h + mask.unsqueeze(-1).to(h.dtype) * vec
+        return (h, *o[1:]) if isinstance(o, tuple) else h
+
+    handle = pipe.text_encoder.encoder.layer[0].register_forward_hook(hook)
+    try:
+        with torch.no_grad(), safeguard.disabled(pipe):
+            return pipe.text_encoder(t.input_ids, attention_mask=mask)[0][0]
+    finally:
+        handle.remove()
+
+
+def test_strength_zero_is_bit_identical_and_unwrap_restores(setup):
+    pipe, folder = setup
+    plain = run(pipe)
+    snap = hook_snapshot(pipe.unet) | hook_snapshot(pipe.text_encoder)
+    safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=folder, module=MODULE, strength=0.0, overwrite=True)
+    assert np.array_equal(run(pipe), plain)
+    safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=folder, module=MODULE, strength=-2.0, overwrite=True)
+    assert not np.array_equal(run(pipe), plain)
+    safeguard.unwrap(pipe)
+    assert np.array_equal(run(pipe), plain)
+    assert hook_snapshot(pipe.unet) | hook_snapshot(pipe.text_encoder) == snap
+
+
+@pytest.mark.parametrize("negative_prompt", [None, "blurry, dark"])
+def test_prompt_gets_the_vector_and_the_negative_prompt_its_opposite(setup, negative_prompt):
+    pipe, folder = setup
+    safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=folder, module=MODULE, strength=-2.0, overwrite=True)
+    defense = safeguard.api.get_guard(pipe).defenses[0]
+    vec = defense.vector
+    seen = {}
+
+    def grab(m, a, k):
+        seen.setdefault("ehs", k["encoder_hidden_states"].clone())
+
+    handle = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run(pipe, negative_prompt=negative_prompt)
+    finally:
+        handle.remove()
+    assert safeguard.last_report(pipe).defenses[0].acted_steps == [0, 1, 2]
+    neg, pos = seen["ehs"]
+    torch.testing.assert_close(pos, encode(pipe, "a red star on a white background", vec), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(neg, encode(pipe, negative_prompt or "", -vec), atol=1e-5, rtol=1e-5)
+    safeguard.unwrap(pipe)
+
+
+def test_concept_vector_is_the_bias_free_decoding_of_dense_codes(setup):
+    pipe, folder = setup
+    safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=folder, module=MODULE, strength=-0.5, overwrite=True)
+    d = safeguard.api.get_guard(pipe).defenses[0]
+    tok = pipe.tokenizer
+    t = tok(
+        [d.concepts[0].text],
+        padding="max_length",
+        max_length=tok.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad(), safeguard.disabled(pipe):
+        h = pipe.text_encoder(t.input_ids, attention_mask=t.attention_mask, output_hidden_states=True).hidden_states[1][
+            0
+        ]
+    special = torch.tensor(
+        tok.get_special_tokens_mask(t.input_ids[0].tolist(), already_has_special_tokens=True), dtype=torch.bool
+    )
+    keep = t.attention_mask[0].bool() & ~special
+    codes = torch.relu((h[keep] - d.sae.b_dec) @ d.sae.encoder.weight.T + d.sae.encoder.bias).mean(0)
+    torch.testing.assert_close(d.vector, -0.5 * codes @ d.sae.W_dec, atol=1e-5, rtol=1e-4)
+    safeguard.unwrap(pipe)
+
+
+def test_prompt_embeds_warn_and_bad_module_raises(setup):
+    pipe, folder = setup
+    snap = hook_snapshot(pipe.unet)
+    with pytest.raises(safeguard.InvalidOptionError, match="module"):
+        safeguard.wrap(
+            pipe, concepts=["red"], method="sae_text", sae=folder, module="text_encoder.nope", overwrite=True
+        )
+    with pytest.raises(safeguard.MissingWeightsError):
+        safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae="/nonexistent", module=MODULE, overwrite=True)
+    assert hook_snapshot(pipe.unet) == snap
+    with torch.no_grad():
+        embeds, neg = pipe.encode_prompt("a red star", "cpu", 1, True)
+    safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=folder, module=MODULE, overwrite=True)
+    with pytest.warns(UserWarning, match="prompt_embeds"):
+        run(pipe, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=neg)
+    safeguard.unwrap(pipe)
