@@ -26,7 +26,7 @@ def table(results_dir: Path) -> str:
     ]
     for path in sorted(results_dir.glob("*.json")):
         r = json.loads(path.read_text())
-        if "metrics" not in r:
+        if "metrics" not in r or "erasure" not in r["metrics"]:  # e.g. the language-model evals (llm_*.json)
             continue
         m = r["metrics"]
         e, p = m["erasure"], m["preservation"]
