@@ -11,8 +11,10 @@ Which encoding is the prompt and which the negative prompt is decided where it i
 the denoiser, whose guided batch is ``[negative rows; positive rows]``. Every encoding gets
 ``+strength * v``; a second pass of the encoder on the same input, with ``-strength * v``, is kept
 beside it, and the denoiser's negative rows are swapped for their second-pass version. So the
-order in which a pipeline encodes prompt and negative prompt never matters. Work is per prompt
-(one extra encoder pass), none per denoising step beyond a row lookup.
+order in which a pipeline encodes prompt and negative prompt never matters. The second pass runs
+only for encodings found in the negative half, and is cached by input (the empty negative
+prompt repeats across calls), so the steady cost is one layer hook per encoding and a row swap
+per denoising step.
 
 Limits: embeddings passed as ``prompt_embeds=`` were made outside the pipeline's encoder, so
 their intermediate layer cannot be steered; such calls run unguarded with a warning.
@@ -100,7 +102,8 @@ class SAETextDefense(Defense):
     def _reset_state(self) -> None:
         self.sign = 1.0
         self.mask: torch.Tensor | None = None
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (+v encoding, -v encoding) per row
+        self.encodings: list[tuple[torch.Tensor, Any, tuple, dict]] = []  # (+v output, encoder, args, kwargs)
+        self.swapped: dict[int, torch.Tensor] | None = None  # negative row -> its -v encoding, this call
         self.warned = False
 
     def _attach(self, adapter: Any) -> None:
@@ -133,6 +136,7 @@ class SAETextDefense(Defense):
         self.sae = load_sae(folder, device=adapter.device, dtype=torch.float32)
         d = self.sae.cfg.d_in
         self.encoder, self.layer = encoder, layer
+        self._opposites: dict[tuple, torch.Tensor] = {}  # input -> -v encoding (the empty negative prompt repeats)
         self.vector = cfg.strength * self._concept_vector(adapter, cfg.text or concept_text(self.concepts), d)
         self.report.details = {
             "module": module,
@@ -141,7 +145,7 @@ class SAETextDefense(Defense):
         }
         self.hooks.forward_pre_hook(encoder, "mask", self.timed(self._on_encoder_pre))
         self.hooks.forward_hook(layer, "steer", self._on_layer)  # also runs (bypassed monitor) in the second pass
-        self.hooks.forward_hook(encoder, "second_pass", self.timed(self._on_encoder))
+        self.hooks.forward_hook(encoder, "encodings", self.timed(self._on_encoder))
         self.hooks.forward_pre_hook(adapter.denoiser, "swap_negative", self.timed(self._on_denoise))
 
     @torch.no_grad()
@@ -188,25 +192,31 @@ class SAETextDefense(Defense):
         return replace_hidden(output, h + (vec if gate is None else gate * vec))
 
     def _on_encoder(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        if not self.config.negative:
-            return None
-        first = hidden_of(output) if not hasattr(output, "last_hidden_state") else output.last_hidden_state
-        self.sign = -1.0
-        try:
-            with bypassing(self.monitor), torch.no_grad():
-                again = module(*args, **kwargs)
-        finally:
-            self.sign = 1.0
-        second = again.last_hidden_state if hasattr(again, "last_hidden_state") else hidden_of(again)
-        for a, b in zip(first, second):
-            self.pairs.append((a.detach(), b.detach()))
+        first = output.last_hidden_state if hasattr(output, "last_hidden_state") else hidden_of(output)
+        self.encodings.append((first.detach(), module, args, kwargs))
         return None
+
+    def _opposite(self, module: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The encoder's output for the same input with ``-strength * v`` (cached by input)."""
+        parts = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        key = tuple((tuple(t.shape), t.cpu().numpy().tobytes()) for t in parts)
+        if key not in self._opposites:
+            self.sign = -1.0
+            try:
+                with bypassing(self.monitor), torch.no_grad():
+                    again = module(*args, **kwargs)
+            finally:
+                self.sign = 1.0
+            if len(self._opposites) >= 64:
+                self._opposites.pop(next(iter(self._opposites)))
+            self._opposites[key] = again.last_hidden_state if hasattr(again, "last_hidden_state") else hidden_of(again)
+        return self._opposites[key]
 
     def _on_denoise(self, module: Any, args: tuple, kwargs: dict) -> Any:
         ehs = kwargs.get("encoder_hidden_states")
         if not isinstance(ehs, torch.Tensor):
             return None
-        if not self.pairs:
+        if not self.encodings:
             if not self.warned:
                 warnings.warn(
                     "sae_text: this call passed prompt_embeds made outside the pipeline's text encoder; the SAE's "
@@ -218,15 +228,18 @@ class SAETextDefense(Defense):
         self.mark_step()
         if not (self.config.negative and self.adapter.cfg_active()):
             return None
-        n = ehs.shape[0] // 2
-        rows = list(ehs)
-        changed = False
-        for i in range(n):
-            for a, b in self.pairs:
-                if a.shape == rows[i].shape and torch.equal(a, rows[i]):
-                    rows[i] = b.to(ehs.dtype)
-                    changed = True
-                    break
-        if not changed:
+        if self.swapped is None:  # first step: find the negative rows' encodings, once per call
+            rows = list(ehs[: ehs.shape[0] // 2])
+            self.swapped = {}
+            for i, row in enumerate(rows):
+                for first, enc, a, k in self.encodings:
+                    hit = next((j for j, r in enumerate(first) if r.shape == row.shape and torch.equal(r, row)), None)
+                    if hit is not None:
+                        self.swapped[i] = self._opposite(enc, a, k)[hit].to(ehs.dtype)
+                        break
+        if not self.swapped:
             return None
-        return args, {**kwargs, "encoder_hidden_states": torch.stack(rows)}
+        new = ehs.clone()
+        for i, row in self.swapped.items():
+            new[i] = row
+        return args, {**kwargs, "encoder_hidden_states": new}
