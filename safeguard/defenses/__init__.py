@@ -3,6 +3,7 @@
 from .negative_prompt import NegativePromptConfig, NegativePromptDefense
 from .repe import RepEConfig, RepEDefense
 from .sae_text import SAETextConfig, SAETextDefense
+from .sae_unet import SAEUNetConfig, SAEUNetDefense
 from .safree import SAFREEConfig, SAFREEDefense
 from .sld import SLDConfig, SLDDefense
 
@@ -13,6 +14,8 @@ __all__ = [
     "RepEDefense",
     "SAETextConfig",
     "SAETextDefense",
+    "SAEUNetConfig",
+    "SAEUNetDefense",
     "SAFREEConfig",
     "SAFREEDefense",
     "SLDConfig",
