@@ -37,7 +37,7 @@ def load(results: Path) -> list[dict]:
     rows = []
     for path in sorted(results.glob("*.json")):
         r = json.loads(path.read_text())
-        if "metrics" not in r or r.get("options"):
+        if "metrics" not in r or "records" not in r or r.get("options"):  # ShapesWorld evals at defaults only
             continue
         m = r["metrics"]
         target = [x for x in r["records"] if x["category"] != "preservation"]
