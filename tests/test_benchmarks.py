@@ -81,7 +81,7 @@ def test_quick_run_writes_json_with_schema(quick_run):
     }  # fmt: skip
     # defenses that need weights trained for the model (an SAE) are skipped on random tiny models, with the reason
     skipped = {(k["model"], k["defense"]) for k in data["skipped"]}
-    assert all(d in ("sae_text", None) for _, d in skipped) and all(k["reason"] for k in data["skipped"])
+    assert all(d in ("sae_text", "sae_unet", None) for _, d in skipped) and all(k["reason"] for k in data["skipped"])
     expected = {(m, d, b) for m, d, b in expected if (m, d) not in skipped}
     assert {(c["model"], c["defense"], c["batch"]) for c in data["cases"]} == expected
     if not expected_defenses("flux"):

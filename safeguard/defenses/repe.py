@@ -116,12 +116,11 @@ class _ConceptSteering:
         self.concept = concept
         self.vecs = vecs
         self.mode = cfg.mode or ("conditional" if is_refusal_concept(concept) else "ablate")
-        if self.mode in ("conditional", "add") and "behaviour" not in vecs.directions:
-            if self.mode == "conditional":
-                raise InvalidOptionError(
-                    f"mode='conditional' needs a behaviour direction, which concept {concept.name!r} has not "
-                    "(only 'harmful' has one); use mode='ablate' or mode='add' for topics."
-                )
+        if self.mode == "conditional" and "behaviour" not in vecs.directions:
+            raise InvalidOptionError(
+                f"mode='conditional' needs a behaviour direction, which concept {concept.name!r} has not "
+                "(only 'harmful' has one); use mode='ablate' or mode='add' for topics."
+            )
         self.behaviour = "behaviour" if "behaviour" in vecs.directions else "concept"
         default_layers = cal.get("layers") if self.mode != "ablate" or cal.get("mode") == "ablate" else None
         layers = cfg.layers if cfg.layers is not None else default_layers

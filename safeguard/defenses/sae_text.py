@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -36,11 +35,12 @@ import torch
 
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
-from ..core.errors import InvalidOptionError, MissingWeightsError
+from ..core.errors import InvalidOptionError
 from ..core.monitor import bypassing
 from ..core.registry import register_defense
 from ..steering.ops import hidden_of, replace_hidden
 from .guidance import concept_text
+from .sae_common import sae_and_module
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +79,6 @@ class SAETextConfig(DefenseConfig):
             raise InvalidOptionError(f"SAETextConfig.negative={self.negative!r} must be True or False.")
 
 
-def _module_of(folder: Path) -> str | None:
-    meta = folder / "activations_meta.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("module")
-    return None
-
-
 @register_defense
 class SAETextDefense(Defense):
     """Concept Steerers: steer a text-encoder layer along the SAE decoding of the concept."""
@@ -107,33 +100,9 @@ class SAETextDefense(Defense):
         self.warned = False
 
     def _attach(self, adapter: Any) -> None:
-        from ..sae import load_sae
-
         cfg: SAETextConfig = self.config  # type: ignore[assignment]
-        folder = Path(cfg.sae) if cfg.sae else SHIPPED / "text"
-        if not folder.exists():
-            raise MissingWeightsError(
-                f"no SAE at {folder}; train one with `python -m safeguard sae train --module <text-encoder layer>` "
-                "and pass sae='<its folder>'."
-            )
-        module = cfg.module or _module_of(folder)
-        if module is None:
-            raise InvalidOptionError(f"the SAE in {folder} does not record its layer; pass module='<dotted path>'.")
-        try:
-            layer = adapter.pipe.get_submodule(module) if hasattr(adapter.pipe, "get_submodule") else None
-        except AttributeError:
-            layer = None
-        if layer is None:
-            component, _, rest = module.partition(".")
-            root = getattr(adapter.pipe, component, None)
-            try:
-                layer = root.get_submodule(rest) if root is not None else None
-            except AttributeError:
-                layer = None
-        if layer is None:
-            raise InvalidOptionError(f"module={module!r} is not a module of {adapter.pipeline_name}.")
+        self.sae, module, layer = sae_and_module(adapter, cfg.sae, SHIPPED / "text", cfg.module, "text")
         encoder = adapter.text_encoders[0]
-        self.sae = load_sae(folder, device=adapter.device, dtype=torch.float32)
         d = self.sae.cfg.d_in
         self.encoder, self.layer = encoder, layer
         self._opposites: dict[tuple, torch.Tensor] = {}  # input -> -v encoding (the empty negative prompt repeats)

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 from pathlib import Path
@@ -33,10 +32,10 @@ import torch
 
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
-from ..core.errors import InvalidOptionError, MissingWeightsError
 from ..core.monitor import bypassing
 from ..core.registry import register_defense
 from ..steering.ops import hidden_of, replace_hidden
+from .sae_common import sae_and_module
 
 logger = logging.getLogger(__name__)
 
@@ -127,27 +126,8 @@ class SAEUNetDefense(Defense):
         return "it needs a UNet block with an SAE trained on it (SD 1.x/2.x and SDXL)."
 
     def _attach(self, adapter: Any) -> None:
-        from ..sae import load_sae
-
         cfg: SAEUNetConfig = self.config  # type: ignore[assignment]
-        folder = Path(cfg.sae) if cfg.sae else SHIPPED
-        if not folder.exists():
-            raise MissingWeightsError(
-                f"no SAE at {folder}; train one with `python -m safeguard sae train --module unet.<block>` and pass sae=."
-            )
-        meta = folder / "activations_meta.json"
-        module = cfg.module or (json.loads(meta.read_text()).get("module") if meta.is_file() else None)
-        if module is None:
-            raise InvalidOptionError(f"the SAE in {folder} does not record its block; pass module='unet.<block path>'.")
-        component, _, rest = module.partition(".")
-        root = getattr(adapter.pipe, component, None)
-        try:
-            block = root.get_submodule(rest) if root is not None else None
-        except AttributeError:
-            block = None
-        if block is None:
-            raise InvalidOptionError(f"module={module!r} is not a module of {adapter.pipeline_name}.")
-        self.sae = load_sae(folder, device=adapter.device, dtype=torch.float32)
+        self.sae, module, block = sae_and_module(adapter, cfg.sae, SHIPPED, cfg.module, "denoiser")
         self.block = block
         self._score(adapter, cfg)
         self.report.details = {"module": module, "multiplier": cfg.multiplier, "features_per_step": self.counts}
