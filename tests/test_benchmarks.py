@@ -214,3 +214,23 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
     assert peer["available"] is True and peer["layers"] == [1] and data["skipped"] == []
     for batch in ("1", "8"):  # the peer adds exactly what repe's add mode adds (repe with skip_first=False)
         assert peer["check"][batch]["max_abs_logit_diff"] < 1e-4 and peer["check"][batch]["same_tokens"] is True
+
+
+def test_sld_peer_quick_run_writes_files_and_schema(tmp_path):
+    """benchmarks/sld_peer.py --quick: our sld beside diffusers' StableDiffusionPipelineSafe (files and schema only)."""
+    pytest.importorskip("diffusers")
+    from safeguard.models.shapes import shapes_pipeline  # noqa: F401  (the embedded weights ship in the package)
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "sld_peer.py"), "--quick", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "sld_peer.json").read_text())
+    assert data["schema"] == "safeguard.benchmarks.sld_peer/1" and data["settings"]["quick"] is True
+    (row,) = data["rows"]
+    assert row["batch"] == 1 and set(row["s_per_image"]) == {"unguarded", "ours", "diffusers"}
+    assert all(is_number(v) for v in row["s_per_image"].values()) and is_number(
+        row["ratio_ours_over_diffusers"]["median"]
+    )
+    assert row["max_pixel_diff_ours_vs_diffusers"] < 1e-4  # 2 steps: still in the warm-up, so the images agree
+    assert set(data["erasure_direct"]) == {"prompts", "unguarded", "ours", "diffusers"}
+    assert "ours / diffusers" in (tmp_path / "sld_peer.md").read_text()
