@@ -8,10 +8,12 @@ unguarded image already lacks the concept, e.g. unseen synonyms the model does n
 
     python benchmarks/safety_vs_speed.py                       # run the evals, then plot
     python benchmarks/safety_vs_speed.py --from-results benchmarks/results/eval   # plot existing JSONs
+    python benchmarks/safety_vs_speed.py --quick --out /tmp/svs  # CI smoke: 2 prompts per category, 1 seed
 
-Outputs ``pareto_<concept>.png`` and ``safety_vs_speed.csv`` under ``--out``
-(default ``benchmarks/results/eval``). Still missing: diffusers' ``StableDiffusionPipelineSafe`` as a
-peer on the same model, and compositions.
+Methods default to every registered defense that works on SD 1.x pipelines, plus the composition
+``negative_prompt+sld`` (a ``+`` in a method name composes). Outputs ``pareto_<concept>.png`` and
+``safety_vs_speed.csv`` under ``--out`` (default ``benchmarks/results/eval``). diffusers' own
+``StableDiffusionPipelineSafe`` is compared with ``sld`` by ``benchmarks/sld_peer.py``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,23 @@ import json
 from pathlib import Path
 
 
-def run_evals(out: Path, concepts: list[str], methods: list[str], seeds: int) -> None:
+def default_methods() -> list[str]:
+    import safeguard
+    from safeguard.core.registry import get_defense_class
+
+    names = [m for m in safeguard.available_methods() if "sd" in get_defense_class(m).families]
+    return [*names, "negative_prompt+sld"] if {"negative_prompt", "sld"} <= set(names) else names
+
+
+def run_evals(out: Path, concepts: list[str], methods: list[str], seeds: int, per_category: int = 12) -> None:
     from safeguard.eval.harness import format_metrics, run_eval
     from safeguard.models import shapes_pipeline
 
     pipe = shapes_pipeline()
     for method in methods:
         for concept in concepts:
-            result = run_eval(pipe, concept, method=method, seeds=seeds, out_dir=out)
+            spec = method.split("+") if "+" in method else method
+            result = run_eval(pipe, concept, method=spec, seeds=seeds, per_category=per_category, out_dir=out)
             print(format_metrics(result))
 
 
@@ -85,19 +96,21 @@ def plot(rows: list[dict], concept: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-results", type=Path, default=None, help="plot existing eval JSONs instead of running")
     p.add_argument("--concepts", nargs="+", default=["red", "star"])
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every SD defense and negative_prompt+sld")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--per-category", type=int, default=12)
+    p.add_argument("--quick", action="store_true", help="2 prompts per category, 1 seed (a smoke run)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/eval"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.per_category = 1, 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_results is None:
-        import safeguard
-
-        run_evals(args.out, args.concepts, args.methods or safeguard.available_methods(), args.seeds)
+        run_evals(args.out, args.concepts, args.methods or default_methods(), args.seeds, args.per_category)
     rows = load(args.from_results or args.out)
     with (args.out / "safety_vs_speed.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))

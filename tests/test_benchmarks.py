@@ -234,3 +234,20 @@ def test_sld_peer_quick_run_writes_files_and_schema(tmp_path):
     assert row["max_pixel_diff_ours_vs_diffusers"] < 1e-4  # 2 steps: still in the warm-up, so the images agree
     assert set(data["erasure_direct"]) == {"prompts", "unguarded", "ours", "diffusers"}
     assert "ours / diffusers" in (tmp_path / "sld_peer.md").read_text()
+
+
+def test_safety_vs_speed_quick_run_writes_evals_csv_and_plots(tmp_path):
+    """benchmarks/safety_vs_speed.py --quick: one defense and the composition on ShapesWorld (files only)."""
+    pytest.importorskip("matplotlib")
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "safety_vs_speed.py"), "--quick", "--concepts", "red",
+        "--methods", "negative_prompt", "negative_prompt+sld", "--out", str(tmp_path),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("red_negative_prompt.json", "red_negative_prompt+sld.json", "safety_vs_speed.csv", "pareto_red.png"):
+        assert (tmp_path / name).is_file(), name
+    comp = json.loads((tmp_path / "red_negative_prompt+sld.json").read_text())
+    assert comp["method"] == "negative_prompt+sld" and comp["per_category"] == 2 and comp["seeds"] == 1
+    rows = list(csv.DictReader((tmp_path / "safety_vs_speed.csv").open()))
+    assert {r["method"] for r in rows} >= {"negative_prompt", "negative_prompt+sld"}

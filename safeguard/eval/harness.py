@@ -147,14 +147,17 @@ def run_eval(
         guarded_s_per_image=t_guard / len(samples),
         ratio=t_guard / t_plain if t_plain else None,
     )
+    label = method if method is None or isinstance(method, str) else "+".join(
+        m if isinstance(m, str) else m.defense for m in method
+    )
     result = dict(
-        concept=concept, method=method, options=options or {}, seeds=seeds, per_category=per_category,
+        concept=concept, method=label, options=options or {}, seeds=seeds, per_category=per_category,
         metrics=metrics, records=records, last_report=last,
     )  # fmt: skip
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"{concept}_{method or 'default'}"
+        stem = f"{concept}_{label or 'default'}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
         save_grid(samples, plain, guarded, out / f"{stem}.png")
         result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
