@@ -11,12 +11,11 @@ row's first real token (left or right padding), and the prompt length of the cal
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .hooks import HookRegistry
+from .monitor import MonitorBase
 
 
 def _past_length(cache: Any) -> int:
@@ -29,43 +28,21 @@ def _past_length(cache: Any) -> int:
     return 0
 
 
-class GenerationMonitor:
+class GenerationMonitor(MonitorBase):
     """Call and forward tracking for one causal LM; owns the hook that observes it."""
 
     def __init__(self, adapter: Any):
-        self.adapter = adapter
-        self.hooks = HookRegistry("safeguard.monitor")
-        self.listeners: list[Callable[[], None]] = []
-        self.enabled = True
-        self.bypass = 0
-        self.calls = 0
-        self.step = -1
-        self.guarded_call = True
-        self.batch = 0
+        super().__init__(adapter)
         self.prompt_len = 0
         self.positions: torch.Tensor | None = None  # [q] absolute positions of this forward's tokens
         self.first_real: torch.Tensor | None = None  # [B] index of each row's first real token
         self.last_real: torch.Tensor | None = None  # [B] index (within this forward) of each row's last real token
         self._prev_ids: torch.Tensor | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.enabled and self.bypass == 0
-
     def attach(self) -> GenerationMonitor:
         owner = self.adapter.layer_owner()
         self.hooks.forward_pre_hook(owner, "base_model", self._on_forward, prepend=True)
         return self
-
-    def detach(self) -> None:
-        self.hooks.remove_all()
-
-    def _start_call(self) -> None:
-        self.calls += 1
-        self.step = -1
-        self.guarded_call = self.enabled
-        for fn in self.listeners:
-            fn()
 
     def _continues_previous(self, ids: torch.Tensor | None) -> bool:
         prev = self._prev_ids
@@ -107,19 +84,3 @@ class GenerationMonitor:
             self.first_real = torch.zeros(batch, dtype=torch.long, device=device)
             self.last_real = torch.full((batch,), q - 1, dtype=torch.long, device=device)
         return None
-
-
-class bypassing:
-    """Context manager: hooks pass through while safeguard itself runs the model (reading vectors)."""
-
-    def __init__(self, monitor: Any):
-        self.monitor = monitor
-
-    def __enter__(self) -> Any:
-        if self.monitor is not None:
-            self.monitor.bypass += 1
-        return self.monitor
-
-    def __exit__(self, *exc: object) -> None:
-        if self.monitor is not None:
-            self.monitor.bypass -= 1

@@ -33,25 +33,48 @@ def _batch_of(args: tuple, kwargs: dict) -> int:
     return int(x.shape[0]) if isinstance(x, torch.Tensor) else 0
 
 
-class CallMonitor:
-    """Call and step tracking for one pipeline; owns the hooks that observe it."""
+class MonitorBase:
+    """What every call monitor shares: its hooks, the listeners told of a new call, the on/off
+    switches (``enabled`` for :func:`safeguard.disabled`, ``bypass`` while safeguard itself runs
+    the model) and the call and step counters."""
 
     def __init__(self, adapter: Any):
         self.adapter = adapter
         self.hooks = HookRegistry("safeguard.monitor")
         self.listeners: list[Callable[[], None]] = []
         self.enabled = True  # False inside safeguard.disabled()
-        self.bypass = 0  # >0 while safeguard itself runs encoders (concept embeddings)
+        self.bypass = 0  # >0 while safeguard itself runs the model (concept embeddings, look-ahead)
         self.calls = 0
         self.step = -1
-        self.batch = 0  # rows of the denoiser input as the pipeline built it, this step
-        self.phase = "idle"  # idle -> encoding -> denoising -> decoded
-        self.last_t: float | None = None
+        self.batch = 0
         self.guarded_call = True
 
     @property
     def active(self) -> bool:
         return self.enabled and self.bypass == 0
+
+    def detach(self) -> None:
+        self.hooks.remove_all()
+
+    def _start_call(self) -> None:
+        self.calls += 1
+        self.step = -1
+        self._on_call_start()
+        self.guarded_call = self.enabled
+        for fn in self.listeners:
+            fn()
+
+    def _on_call_start(self) -> None:
+        """Reset subclass per-call tracking."""
+
+
+class CallMonitor(MonitorBase):
+    """Call and step tracking for one pipeline; owns the hooks that observe it."""
+
+    def __init__(self, adapter: Any):
+        super().__init__(adapter)
+        self.phase = "idle"  # idle -> encoding -> denoising -> decoded
+        self.last_t: float | None = None
 
     def attach(self) -> CallMonitor:
         for i, enc in enumerate(self.adapter.text_encoders):
@@ -62,16 +85,8 @@ class CallMonitor:
             self.hooks.forward_hook(decoder, "decoder", self._on_decode)
         return self
 
-    def detach(self) -> None:
-        self.hooks.remove_all()
-
-    def _start_call(self) -> None:
-        self.calls += 1
-        self.step = -1
+    def _on_call_start(self) -> None:
         self.last_t = None
-        self.guarded_call = self.enabled
-        for fn in self.listeners:
-            fn()
 
     def _on_encode(self, module, args, kwargs):
         if self.bypass:
@@ -102,7 +117,8 @@ class CallMonitor:
 
 
 class bypassing:
-    """Context manager: the monitor's and defenses' hooks pass through (used for concept encoding)."""
+    """Context manager: the monitor's and defenses' hooks pass through while safeguard itself runs
+    the model (concept encoding, the look-ahead pass of ``repe``)."""
 
     def __init__(self, monitor: CallMonitor):
         self.monitor = monitor

@@ -188,7 +188,7 @@ class RepEDefense(Defense):
         elif cfg.vectors is not None:
             all_vecs = [SteeringVectors.load(cfg.vectors)]
         else:
-            from ..core.generation_monitor import bypassing
+            from ..core.monitor import bypassing
 
             with bypassing(self.monitor):
                 all_vecs = [
@@ -221,7 +221,6 @@ class RepEDefense(Defense):
                 self.hooks.forward_hook(
                     layers[i], f"{plan.concept.name}.{plan.mode}.{i}", self.timed(self._make_edit(p_idx, i))
                 )
-        self.report.details = self._details()
 
     # ------------------------------------------------------------------ hooks
     def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -257,7 +256,7 @@ class RepEDefense(Defense):
         """Run the prompt through the layers up to the condition layer (no cache, hooks bypassed)."""
         import time
 
-        from ..core.generation_monitor import bypassing
+        from ..core.monitor import bypassing
 
         plan = self.plans[p_idx]
         t0 = time.perf_counter()
@@ -310,18 +309,16 @@ class RepEDefense(Defense):
         for p_idx, plan in enumerate(self.plans):
             d: dict[str, Any] = {"mode": plan.mode, "layers": plan.layers, "strength": round(plan.strength, 4)}
             if plan.mode == "conditional":
-                fired = getattr(self, "fired", [None] * len(self.plans))[p_idx]
+                fired = self.fired[p_idx]
                 d |= {
                     "condition_layer": plan.condition_layer,
                     "threshold": round(plan.threshold, 4),
-                    "scores": self.scores[p_idx] if hasattr(self, "scores") else [],
+                    "scores": self.scores[p_idx],
                     "fired": [bool(x) for x in fired] if fired is not None else [],
-                    "lookahead_ms": round(getattr(self, "lookahead_s", 0.0) * 1e3, 2),
+                    "lookahead_ms": round(self.lookahead_s * 1e3, 2),
                 }
             out[plan.concept.name] = d
-        if len(self.plans) == 1:
-            return next(iter(out.values())) if out else {}
-        return out
+        return out[self.plans[0].concept.name] if len(self.plans) == 1 else out
 
     @property
     def report(self):  # details are built on read, from this call's state
