@@ -562,12 +562,19 @@ def csv_rows(data: dict) -> list[dict]:
     return rows
 
 
-def write_csv(data: dict, path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+def write_result_files(
+    data: dict, out: Path, stem: str, rows: list[dict], columns: list[str], markdown: str, *, json_too: bool = True
+) -> None:
+    """``<stem>.json`` (unless ``json_too`` is off), ``<stem>.csv`` and ``<stem>.md`` under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    if json_too:
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        for row in csv_rows(data):
+        for row in rows:
             writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    (out / f"{stem}.md").write_text(markdown)
 
 
 def _ms(seconds: float) -> str:
@@ -630,11 +637,8 @@ def render_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(data: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "latency.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    write_csv(data, out / "latency.csv")
-    (out / "latency.md").write_text(render_markdown(data))
+def write_outputs(data: dict, out: Path, *, json_too: bool = True) -> None:
+    write_result_files(data, out, "latency", csv_rows(data), CSV_COLUMNS, render_markdown(data), json_too=json_too)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -746,10 +750,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.render is not None:
         data = json.loads(args.render.read_text())
-        out = args.out or args.render.parent
-        out.mkdir(parents=True, exist_ok=True)
-        write_csv(data, out / "latency.csv")
-        (out / "latency.md").write_text(render_markdown(data))
+        write_outputs(data, args.out or args.render.parent, json_too=False)
         print(render_markdown(data))
         return data
 

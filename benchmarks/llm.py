@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib.util
 import json
 import os
@@ -328,14 +327,6 @@ def csv_rows(data: dict) -> list[dict]:
     return rows
 
 
-def write_csv(data: dict, path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in csv_rows(data):
-            writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-
-
 def _fmt_s(x: float) -> str:
     return f"{x * 1e3:.1f} ms" if x < 1 else f"{x:.2f} s"
 
@@ -397,11 +388,10 @@ def _peer_line(peer: dict) -> str:
     )
 
 
-def write_outputs(data: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "llm.json").write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    write_csv(data, out / "llm.csv")
-    (out / "llm.md").write_text(render_markdown(data))
+def write_outputs(data: dict, out: Path, *, json_too: bool = True) -> None:
+    _latency().write_result_files(
+        data, out, "llm", csv_rows(data), CSV_COLUMNS, render_markdown(data), json_too=json_too
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -469,10 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.render is not None:
         data = json.loads(args.render.read_text())
-        out = args.out or args.render.parent
-        out.mkdir(parents=True, exist_ok=True)
-        write_csv(data, out / "llm.csv")
-        (out / "llm.md").write_text(render_markdown(data))
+        write_outputs(data, args.out or args.render.parent, json_too=False)
         print(render_markdown(data))
         return data
 
