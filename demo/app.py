@@ -77,6 +77,21 @@ class DemoInputError(ValueError):
     """Bad input from the page: shown as a message, never as a stack trace."""
 
 
+@contextlib.contextmanager
+def page_errors(what: str):
+    """Show errors in the page: the user's own mistakes as they are, anything else with ``what``
+    and a pointer to the server log (where the traceback goes), never as a stack trace."""
+    try:
+        yield
+    except (DemoInputError, safeguard.SafeguardError) as e:
+        raise gr.Error(str(e), print_exception=False) from None
+    except gr.Error:
+        raise
+    except Exception as e:
+        traceback.print_exc()
+        raise gr.Error(f"{what} ({type(e).__name__}: {e}); see the server log.") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # defense choices and their options, built from the registry and the config dataclasses
 
@@ -495,18 +510,11 @@ class Runner:
         return generate
 
     def __call__(self, prompt, seed, steps, selected, free_text, choice, *option_values, progress=gr.Progress()):
-        try:
+        with page_errors("generation failed"):
             values = {(s.method, s.name): v for s, v in zip(self.flat_specs, option_values)}
             request = parse_request(prompt, seed, steps, selected, free_text, choice, values, self.specs)
             with self._lock:
                 return self._run(request, progress)
-        except (DemoInputError, safeguard.SafeguardError) as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except gr.Error:
-            raise
-        except Exception as e:
-            traceback.print_exc()
-            raise gr.Error(f"generation failed ({type(e).__name__}: {e}); see the server log.") from None
 
     def _run(self, request: Request, progress: Callable[..., Any]):
         pipe = self.model.get(progress)
@@ -772,16 +780,9 @@ class ChatRunner:
 
     def __call__(self, message, concept, mode, show_unguarded, max_new_tokens, turns):
         turns = list(turns or [])
-        try:
+        with page_errors("the chat turn failed"):
             request = parse_chat(message, concept, mode, show_unguarded, max_new_tokens)
             yield from self._turn(request, turns)
-        except (DemoInputError, safeguard.SafeguardError) as e:
-            raise gr.Error(str(e), print_exception=False) from None
-        except gr.Error:
-            raise
-        except Exception as e:
-            traceback.print_exc()
-            raise gr.Error(f"the chat turn failed ({type(e).__name__}: {e}); see the server log.") from None
 
     def _turn(self, request: ChatRequest, turns: list[Turn]):
         turn = Turn(request.message, request.concept, request.mode)
