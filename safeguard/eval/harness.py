@@ -147,8 +147,10 @@ def run_eval(
         guarded_s_per_image=t_guard / len(samples),
         ratio=t_guard / t_plain if t_plain else None,
     )
-    label = method if method is None or isinstance(method, str) else "+".join(
-        m if isinstance(m, str) else m.defense for m in method
+    label = (
+        method
+        if method is None or isinstance(method, str)
+        else "+".join(m if isinstance(m, str) else m.defense for m in method)
     )
     result = dict(
         concept=concept, method=label, options=options or {}, seeds=seeds, per_category=per_category,

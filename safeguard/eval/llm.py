@@ -131,6 +131,14 @@ def generate_replies(
     return [o.strip() for o in out]
 
 
+MAX_REPLY_TOKENS = 48  # teacher-forced scoring reads at most this many tokens of each reply
+
+
+def reply_ids(tok: Any, replies: list[str]) -> list[list[int]]:
+    """The reply tokens that teacher-forced scoring reads (an empty reply counts as one EOS)."""
+    return [tok(r, add_special_tokens=False)["input_ids"][:MAX_REPLY_TOKENS] or [tok.eos_token_id] for r in replies]
+
+
 @torch.no_grad()
 def reply_token_logprobs(
     model: Any, tok: Any, prompts: list[str], replies: list[str], batch_size: int = 16
@@ -142,10 +150,7 @@ def reply_token_logprobs(
     out = []
     for i in range(0, len(texts), batch_size):
         p_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
-        r_ids = [
-            tok(r, add_special_tokens=False)["input_ids"][:48] or [tok.eos_token_id]
-            for r in replies[i : i + batch_size]
-        ]
+        r_ids = reply_ids(tok, replies[i : i + batch_size])
         seqs = [p + r for p, r in zip(p_ids, r_ids)]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
@@ -168,7 +173,7 @@ def mean_kl(ref: list[torch.Tensor], new: list[torch.Tensor]) -> float:
 def perplexity(model: Any, tok: Any, prompts: list[str], replies: list[str]) -> float:
     """Perplexity of the replies given the prompts (teacher forced)."""
     lps = reply_token_logprobs(model, tok, prompts, replies)
-    r_ids = [tok(r, add_special_tokens=False)["input_ids"][:48] or [tok.eos_token_id] for r in replies]
+    r_ids = reply_ids(tok, replies)
     nll = torch.cat([-lp.gather(-1, torch.tensor(ids)[:, None])[:, 0] for lp, ids in zip(lps, r_ids)])
     return float(nll.mean().exp())
 
