@@ -42,6 +42,13 @@ class PipelineAdapter:
     family: ClassVar[str] = ""
     cond_paths: ClassVar[tuple[Path, ...]] = (("encoder_hidden_states",),)
     cfg_batched: ClassVar[bool] = True  # guidance runs [negative; positive] in one denoiser batch
+    # How the text encoders' token states make up ``encoder_hidden_states``: groups of encoder
+    # attribute names, concatenated along features within a group (zero-padded to the full width)
+    # and along the sequence between groups.
+    text_layout: ClassVar[tuple[tuple[str, ...], ...]] = (("text_encoder",),)
+    # Where a pooled text embedding goes (a path into the denoiser kwargs) and which encoders'
+    # pooled outputs it concatenates along features; None when the denoiser takes none.
+    pooled_layout: ClassVar[tuple[Path, tuple[str, ...]] | None] = None
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -66,6 +73,14 @@ class PipelineAdapter:
     def text_encoders(self) -> list[nn.Module]:
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")
         return [m for n in names if isinstance(m := getattr(self.pipe, n, None), nn.Module)]
+
+    def encoder_by_name(self, name: str) -> nn.Module | None:
+        m = getattr(self.pipe, name, None)
+        return m if isinstance(m, nn.Module) else None
+
+    def tokenizer_for(self, encoder_name: str) -> Any:
+        """The tokenizer that feeds the text encoder attribute ``encoder_name``."""
+        return getattr(self.pipe, encoder_name.replace("text_encoder", "tokenizer"), None)
 
     @property
     def decoder(self) -> nn.Module | None:

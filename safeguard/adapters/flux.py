@@ -18,6 +18,8 @@ class FluxAdapter(PipelineAdapter):
     family = "flux"
     cond_paths = (_EHS, _POOLED)
     cfg_batched = False
+    text_layout = (("text_encoder_2",),)  # T5 tokens; CLIP gives only the pooled embedding
+    pooled_layout = (_POOLED, ("text_encoder",))
 
     def _encode(self, text: str, negative: str | None = None) -> tuple[Condition, Condition]:
         pos, pooled, _ids = self.pipe.encode_prompt(

@@ -11,6 +11,8 @@ _POOLED = ("added_cond_kwargs", "text_embeds")
 class SDXLAdapter(PipelineAdapter):
     family = "sdxl"
     cond_paths = (_EHS, _POOLED)
+    text_layout = (("text_encoder", "text_encoder_2"),)
+    pooled_layout = (_POOLED, ("text_encoder_2",))
 
     def _encode(self, text: str, negative: str | None = None) -> tuple[Condition, Condition]:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(

@@ -1,54 +1,69 @@
 """``method="safree"``: SAFREE (Yoon et al., ICLR 2025) toxic-subspace filtering, as hooks.
 
-Text side, on every text-encoder call of a pipeline call (hooks on the encoder):
+Text side, per text encoder (each with its own tokenizer, so each has its own token flags):
 
-1. **Concept subspace.** Each concept phrase is encoded alone and pooled (the EOS-token state for
-   CLIP encoders, the masked mean of token states for BERT-style encoders such as MiniLM); the
-   pooled vectors form the columns of ``C`` and ``P_C = C (C^T C)^+ C^T`` (cached per encoder).
+1. **Concept subspace.** Each concept phrase is encoded alone and pooled in the space of the states
+   the pipeline passes on: the EOS-token state for CLIP encoders (at the layer the pipeline reads,
+   e.g. ``hidden_states[-2]`` on SDXL and SD3), the masked mean of token states for BERT and T5
+   encoders, or the encoder's pooled output itself for a pooled stream (SDXL's ``text_embeds``,
+   FLUX's CLIP ``pooler_output``). The pooled vectors are the columns of ``C``;
+   ``P_C = C (C^T C)^+ C^T``, cached per (encoder, stream).
 2. **Token detection.** For each real token ``i`` of a prompt, the prompt is re-encoded with that
-   token removed (all variants of all prompts in one batched encoder call) and pooled to
-   ``p_\\i``; ``d_i = ||(I - P_C) p_\\i||``. Removing a concept token moves the prompt away from the
-   subspace, so token ``i`` is flagged iff ``d_i >= (1 + alpha) * mean_{j != i} d_j``.
+   token removed (all variants of all prompts of the call in one encoder call per encoder) and
+   pooled to ``p_\\i``; ``d_i = ||(I - P_C) p_\\i||``. Removing a concept token moves the prompt away
+   from the subspace, so token ``i`` is flagged iff ``d_i >= (1 + alpha) * mean_{j != i} d_j``.
 3. **Projection.** Flagged token states ``e`` become ``(I - P_C) P_I e`` where ``P_I`` projects onto
    the span of the masked-prompt embeddings ``{p_\\j}``. The paper composes the two projections
    the other way round (``P_I`` applied last); we apply the concept-orthogonal projection last
    (``projection_order="concept_last"``, the default) because only then is the result exactly free
    of the concept subspace, which is the property the method is after; ``"input_last"`` gives the
-   paper's order. Special tokens, padding, unflagged tokens and the negative branch are untouched.
-4. **Self-validating filter.** ``beta = 1 - mean cos(projected, original)`` over the prompt's real
-   tokens, ``t' = round(10 * sigmoid(2k (10 beta - t0)))`` steps of 50 use the filtered states
-   (scaled to the call's step count), the original states after that.
+   paper's order. A pooled embedding (SDXL, SD3, FLUX) is projected the same way, in its own space,
+   when its encoder flagged a token of the prompt. Special tokens, padding, unflagged tokens and
+   the negative branch are untouched.
+4. **Self-validating filter.** ``beta = 1 - mean cos(filtered, original)`` over the prompt's real
+   tokens of every stream (and its projected pooled embeddings), ``t' = round(10 * sigmoid(2k (10
+   beta - t0)))`` steps of 50 use the filtered states (scaled to the call's step count), the
+   original states after that.
+
+Which slice of ``encoder_hidden_states`` (and of the pooled embedding) came from which encoder is
+the adapter's ``text_layout`` / ``pooled_layout``; the rows are matched by content to this call's
+encoder outputs (``out[0]`` or any ``hidden_states`` layer), so the encoding order, ``clip_skip`` on
+SDXL/SD3, ``num_images_per_prompt``, and ``prompt_embeds`` made by ``pipe.encode_prompt`` all work.
+Embeddings that no text encoder of the call produced have no token ids to re-encode: SAFREE cannot
+act on them, and warns.
 
 Denoiser side (UNet pipelines): **latent re-attention** rescales, on the rows and steps where
 the filtered states are in use, the up-blocks' features in the Fourier domain as FreeU does: the
 backbone's first half of channels by ``b1``/``b2`` and the low-frequency square (radius 1) of the
 skip features by ``s1``/``s2`` (reference values 1.0, 1.0, 0.9, 0.2). Cost: two FFT pairs per up
-block per affected step on the skip features, a few percent of a UNet step.
-
-The filtered states replace the prompt rows in the denoiser's pre-hook, matched by content to the
-encoder outputs of this call, so the order in which the pipeline encodes prompt and negative
-prompt does not matter. Calls made with ``prompt_embeds=`` have no token ids to re-encode: SAFREE
-cannot act on them and says so in the report.
+block per affected step on the skip features, a few percent of a UNet step. Transformer denoisers
+(SD3, FLUX) have no up-blocks; there it is skipped and the report says so.
 
 Example:
     >>> pipe = safeguard.wrap(pipe, concepts=["nudity"], method="safree")  # doctest: +SKIP
+    >>> safeguard.last_report(pipe).defenses[0].details["prompts"]  # doctest: +SKIP
+    [{'flagged_tokens': ['nude'], 'beta': 0.21, 'filtered_steps_of_50': 0}]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
 
+from ..adapters.base import get_path, set_path
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
 from ..core.errors import InvalidOptionError
-from ..core.monitor import bypassing
+from ..core.monitor import _timestep_value, bypassing
 from ..core.registry import register_defense
 
 REFERENCE_STEPS = 50
+
+Key = tuple[str, int]  # ("out", i): the encoder output's i-th field; ("hs", -k): hidden_states[-k]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,13 +128,93 @@ def fourier_lowpass_scale(x: torch.Tensor, scale: float, radius: int = 1) -> tor
     return out.to(dtype)
 
 
+def project_out(e: torch.Tensor, p_concept: torch.Tensor, p_input: torch.Tensor, order: str) -> torch.Tensor:
+    """SAFREE's projection of row vectors ``e``: ``(I - P_C) P_I e`` or, for ``"input_last"``, ``P_I (I - P_C) e``."""
+    e = e.double()
+    if order == "concept_last":
+        x = e @ p_input
+        return x - x @ p_concept
+    return (e - e @ p_concept) @ p_input
+
+
+def _field(output: Any, i: int) -> Any:
+    try:
+        return output[i]
+    except (IndexError, KeyError, TypeError):
+        return None
+
+
+def _tensor_of(output: Any, key: Key) -> torch.Tensor | None:
+    kind, i = key
+    if kind == "out":
+        t = _field(output, i)
+    else:
+        hs = getattr(output, "hidden_states", None)
+        t = hs[i] if hs is not None and -len(hs) <= i < 0 else None
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _candidates(output: Any, ndim: int) -> list[tuple[Key, torch.Tensor]]:
+    """The encoder output's tensors a pipeline may pass on: ``ndim`` 3 for token states, 2 for pooled."""
+    out = []
+    fields = output.to_tuple() if hasattr(output, "to_tuple") else output if isinstance(output, tuple) else (output,)
+    for i, t in enumerate(fields):
+        if isinstance(t, torch.Tensor) and t.ndim == ndim:
+            out.append((("out", i), t))
+    hs = getattr(output, "hidden_states", None)
+    if ndim == 3 and hs is not None:
+        out += [(("hs", i - len(hs)), t) for i, t in enumerate(hs)]
+    return out
+
+
 @dataclasses.dataclass
-class _Filtered:
-    original: torch.Tensor  # (L, D) encoder output row, as the pipeline got it
-    filtered: torch.Tensor
-    steps_of_50: int
-    beta: float
-    flagged: list[str]
+class _Capture:
+    """One text-encoder call of the current pipeline call, as the pipeline made it."""
+
+    name: str
+    ids: torch.Tensor
+    mask: torch.Tensor
+    output: Any
+
+
+@dataclasses.dataclass
+class _Stream:
+    """One encoder's share of a prompt row: where it sits and (after detection) its filtered form."""
+
+    name: str
+    capture: _Capture
+    row: int  # row of the capture
+    key: Key
+    seq: slice
+    feat: slice
+    pooled: bool = False  # a pooled-embedding slice rather than token states
+    flagged: list[int] = dataclasses.field(default_factory=list)
+    filtered: torch.Tensor | None = None  # (L, D) or (D,), float, only when something was flagged
+
+
+@dataclasses.dataclass
+class _Prompt:
+    """Everything SAFREE decided for one prompt row of the denoiser batch."""
+
+    streams: list[_Stream]
+    ehs: torch.Tensor | None = None  # the filtered encoder_hidden_states row
+    pooled: torch.Tensor | None = None  # the filtered pooled row
+    steps_of_50: int = 0
+    beta: float = 0.0
+    flagged: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # encoder -> flagged tokens
+
+    @property
+    def flagged_tokens(self) -> list[str]:
+        seen: list[str] = []
+        for words in self.flagged.values():
+            for w in words:
+                if w not in seen:
+                    seen.append(w)
+        return seen
+
+
+def _word(token: str) -> str:
+    return token.replace("</w>", "").replace("\u2581", "").replace("\u0120", "").removeprefix("##") or token
 
 
 @register_defense
@@ -127,182 +222,348 @@ class SAFREEDefense(Defense):
     name = "safree"
     config_class = SAFREEConfig
     order = 10
-    families = ("sd",)
-
-    @classmethod
-    def unsupported_reason(cls, adapter: Any) -> str:
-        return "this release implements SAFREE for single-encoder SD 1.x/2.x pipelines only (SDXL, SD3, FLUX: planned)."
+    families = ("sd", "sdxl", "sd3", "flux")
 
     # ------------------------------------------------------------------ attach
     def _attach(self, adapter: Any) -> None:
-        self.encoder = adapter.text_encoders[0]
-        self.tokenizer = adapter.tokenizers[0]
-        self.special_ids = set(self.tokenizer.all_special_ids)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.clip_pool = "clip" in getattr(self.encoder.config, "model_type", "")
-        phrases = [p for c in self.concepts for p in c.phrases]
-        with bypassing(self.monitor), torch.no_grad():
-            t = self.tokenizer(
-                phrases,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            pooled = self._pooled(t.input_ids.to(adapter.device), t.attention_mask.to(adapter.device))
-        self.p_concept = projector(pooled.T)  # (D, D) float64
-        self._in_encoder = False
-        self.hooks.forward_pre_hook(self.encoder, "text_encoder_pre", self.timed(self._enc_pre))
-        self.hooks.forward_hook(self.encoder, "text_encoder_post", self.timed(self._enc_post))
+        names = [n for group in adapter.text_layout for n in group]
+        if adapter.pooled_layout is not None:
+            names += [n for n in adapter.pooled_layout[1] if n not in names]
+        self.encoders = {n: m for n in names if (m := adapter.encoder_by_name(n)) is not None}
+        self.tokenizers = {n: adapter.tokenizer_for(n) for n in self.encoders}
+        missing = [n for n, t in self.tokenizers.items() if t is None]
+        if missing:
+            raise InvalidOptionError(f"safree needs the tokenizer of each text encoder; {missing} have none.")
+        self.phrases = [p for c in self.concepts for p in c.phrases]
+        self._subspaces: dict[tuple[str, Key], torch.Tensor] = {}
+        for n, enc in self.encoders.items():
+            self.hooks.forward_pre_hook(enc, f"{n}_pre", self.timed(self._enc_pre(n)))
+            self.hooks.forward_hook(enc, f"{n}_post", self.timed(self._enc_post(n)))
         self.hooks.forward_pre_hook(adapter.denoiser, "denoiser_pre", self.timed(self._denoise_pre))
         ups = getattr(adapter.denoiser, "up_blocks", None)
-        if self.config.re_attention and ups is not None and len(ups) >= 2:
+        self.re_attention = bool(self.config.re_attention and ups is not None and len(ups) >= 2)
+        if self.re_attention:
             for i, (b, s) in enumerate(((self.config.b1, self.config.s1), (self.config.b2, self.config.s2))):
                 self.hooks.forward_pre_hook(ups[i], f"up_block_{i}_re_attention", self.timed(self._re_attention(b, s)))
 
+    def _detach(self) -> None:
+        self._subspaces = {}
+
     def _reset_state(self) -> None:
-        self._ids: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._entries: list[_Filtered] = []
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._captures: list[_Capture] = []
+        self._rows: list[tuple[int, _Prompt]] | None = None  # (denoiser row, prompt) for rows to filter
+        self._prompts: list[_Prompt] = []  # every matched prompt of the call, flagged or not
+        self._matched_ehs: torch.Tensor | None = None
         self._active_rows: list[int] = []
-        self._row_entries: list[_Filtered | None] | None = None
+        self._last_t: float | None = None
+        self._step = -1
 
-    # ------------------------------------------------------------------ text encoder
-    def _pooled(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Pooled sentence embedding, in the space of the token states the pipeline uses."""
-        am = (
-            mask
-            if (mask is not None and not self.clip_pool and getattr(self.encoder.config, "use_attention_mask", True))
-            else None
-        )
-        states = self.encoder(ids, attention_mask=am)[0].float()
-        if self.clip_pool:
-            eos = self.tokenizer.eos_token_id
-            pos = (ids == eos).int().argmax(-1)
-            return states[torch.arange(len(ids)), pos]
-        m = (mask if mask is not None else torch.ones_like(ids)).float().unsqueeze(-1)
-        return (states * m).sum(1) / m.sum(1).clamp(min=1)
+    # ------------------------------------------------------------------ text encoders
+    def _real_mask(self, name: str, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention mask of the tokens up to and including EOS (or the non-pad tokens)."""
+        if mask is not None:
+            return mask.to(ids.device).long()
+        tok = self.tokenizers[name]
+        eos = tok.eos_token_id
+        if eos is not None and bool((ids == eos).any(-1).all()):
+            first = (ids == eos).int().argmax(-1, keepdim=True)
+            return (torch.arange(ids.shape[-1], device=ids.device) <= first).long()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        return (ids != pad).long()
 
-    def _enc_pre(self, module, args, kwargs):
-        if self._in_encoder:
+    def _enc_pre(self, name: str):
+        def hook(module, args, kwargs):
+            ids = args[0] if args else kwargs.get("input_ids")
+            if isinstance(ids, torch.Tensor):
+                self._pending[name] = (ids, kwargs.get("attention_mask"))
             return None
-        ids = args[0] if args else kwargs.get("input_ids")
-        self._ids = (ids, kwargs.get("attention_mask"))
+
+        return hook
+
+    def _enc_post(self, name: str):
+        def hook(module, args, kwargs, output):
+            pending = self._pending.pop(name, None)
+            if pending is not None:
+                ids, mask = pending
+                self._captures.append(_Capture(name, ids, self._real_mask(name, ids, mask), output))
+            return None
+
+        return hook
+
+    def _pool(self, name: str, output: Any, key: Key, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled vectors (N, D) of one stream of an encoder output, float64."""
+        t = _tensor_of(output, key)
+        if t.ndim == 2:
+            return t.double()
+        t = t.double()
+        if "clip" in getattr(self.encoders[name].config, "model_type", ""):
+            last = mask.sum(-1) - 1  # CLIP: the EOS state, the last real token
+            return t[torch.arange(t.shape[0], device=t.device), last]
+        m = mask.to(t.dtype).unsqueeze(-1)
+        return (t * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def _encode(self, name: str, ids: torch.Tensor, mask: torch.Tensor, keys: list[Key]) -> dict[Key, torch.Tensor]:
+        enc = self.encoders[name]
+        want_hs = any(k[0] == "hs" for k in keys)
+        with bypassing(self.monitor), torch.no_grad():
+            kw = {"output_hidden_states": True} if want_hs else {}
+            output = enc(ids.to(enc.device), attention_mask=mask.to(enc.device), **kw)
+        return {k: self._pool(name, output, k, mask.to(enc.device)) for k in keys}
+
+    def _subspace(self, name: str, key: Key) -> torch.Tensor:
+        """``P_C`` of the concept phrases in one stream of one encoder (cached)."""
+        if (name, key) not in self._subspaces:
+            tok = self.tokenizers[name]
+            t = tok(self.phrases, padding=True, truncation=True, return_tensors="pt")
+            pooled = self._encode(name, t.input_ids, t.attention_mask, [key])[key]
+            self._subspaces[(name, key)] = projector(pooled.T)
+        return self._subspaces[(name, key)]
+
+    # ------------------------------------------------------------------ matching rows to encoder outputs
+    def _find(self, name: str, target: torch.Tensor, seq: int, feat: int, pooled: bool) -> _Stream | None:
+        """The capture row whose stream equals ``target`` at offsets (``seq``, ``feat``)."""
+        for cap in self._captures:
+            if cap.name != name:
+                continue
+            for key, t in _candidates(cap.output, 2 if pooled else 3):
+                if pooled:
+                    region = target[feat : feat + t.shape[-1]]
+                    if region.shape != t.shape[1:]:
+                        continue
+                else:
+                    region = target[seq : seq + t.shape[1], feat : feat + t.shape[2]]
+                    if region.shape != t.shape[1:]:
+                        continue
+                for j in range(t.shape[0]):
+                    if torch.equal(t[j].to(region.device, region.dtype), region):
+                        if pooled:
+                            return _Stream(name, cap, j, key, slice(None), slice(feat, feat + t.shape[-1]), True)
+                        return _Stream(name, cap, j, key, slice(seq, seq + t.shape[1]), slice(feat, feat + t.shape[2]))
         return None
 
-    def _enc_post(self, module, args, kwargs, output):
-        if self._in_encoder or self._ids is None:
-            return None
-        ids, mask = self._ids
-        self._ids = None
-        self._in_encoder = True
-        try:
-            with torch.no_grad(), bypassing(self.monitor):
-                self._entries += [e for e in self._filter_rows(ids, mask, output[0]) if e is not None]
-        finally:
-            self._in_encoder = False
-        return None
+    def _match_row(self, ehs: torch.Tensor, pooled: torch.Tensor | None) -> list[_Stream]:
+        streams: list[_Stream] = []
+        seq = 0
+        for group in self.adapter.text_layout:
+            feat, length = 0, None
+            for name in group:
+                if name not in self.encoders:
+                    continue
+                s = self._find(name, ehs, seq, feat, pooled=False)
+                if s is None:
+                    break
+                streams.append(s)
+                feat = s.feat.stop
+                length = s.seq.stop - s.seq.start
+            if length is None:
+                break
+            seq += length
+        if pooled is not None and self.adapter.pooled_layout is not None:
+            feat = 0
+            for name in self.adapter.pooled_layout[1]:
+                if name not in self.encoders:
+                    continue
+                s = self._find(name, pooled, 0, feat, pooled=True)
+                if s is None:
+                    break
+                streams.append(s)
+                feat = s.feat.stop
+        return streams
 
-    def _filter_rows(
-        self, ids: torch.Tensor, mask: torch.Tensor | None, states: torch.Tensor
-    ) -> list[_Filtered | None]:
-        """Detect and project every prompt of an encoder batch; all masked variants in one encoder call."""
-        full_mask = mask if mask is not None else torch.ones_like(ids)
-        reals, variants, vmasks = [], [], []
-        for row in range(ids.shape[0]):
-            r_ids, r_mask = ids[row], full_mask[row]
-            real = [i for i in range(len(r_ids)) if int(r_ids[i]) not in self.special_ids and int(r_mask[i]) == 1]
-            reals.append(real if len(real) >= 2 else [])
-            for i in reals[-1]:  # the prompt with token i removed, padded at the end
-                variants.append(torch.cat([r_ids[:i], r_ids[i + 1 :], r_ids.new_full((1,), self.pad_id)]))
-                vmasks.append(torch.cat([r_mask[:i], r_mask[i + 1 :], r_mask.new_zeros(1)]))
-        if not variants:
-            return [None] * ids.shape[0]
-        pooled_all = self._pooled(torch.stack(variants), torch.stack(vmasks))  # (sum of n, D)
-        out: list[_Filtered | None] = []
-        start = 0
-        for row, real in enumerate(reals):
-            pooled = pooled_all[start : start + len(real)]
-            start += len(real)
-            out.append(self._project_row(ids[row], real, pooled, states[row]) if real else None)
-        return out
+    # ------------------------------------------------------------------ detection and projection
+    def _detect(self, prompts: list[_Prompt]) -> None:
+        """Flag and project every matched stream; one encoder call per encoder for all variants."""
+        by_encoder: dict[str, list[_Stream]] = {}
+        for p in prompts:
+            for s in p.streams:
+                by_encoder.setdefault(s.name, []).append(s)
+        for name, streams in by_encoder.items():
+            tok = self.tokenizers[name]
+            special = set(tok.all_special_ids)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            # detection space: the token stream if this encoder has one, else its pooled output
+            token_keys = sorted({s.key for s in streams if not s.pooled})
+            pooled_keys = sorted({s.key for s in streams if s.pooled})
+            det_key = token_keys[0] if token_keys else pooled_keys[0]
+            keys = sorted(set(token_keys) | set(pooled_keys))
+            rows: dict[tuple[int, int], tuple[torch.Tensor, list[int], int]] = {}  # (capture, row) -> ids, real, n
+            for s in streams:
+                rk = (id(s.capture), s.row)
+                if rk not in rows:
+                    ids, n = s.capture.ids[s.row], int(s.capture.mask[s.row].sum())
+                    real = [i for i in range(n) if int(ids[i]) not in special]
+                    rows[rk] = (ids, real if len(real) >= 2 else [], n)
+            n_max = max(n for _, _, n in rows.values())
+            variants, vmasks, spans, start = [], [], {}, 0
+            for rk, (ids, real, n) in rows.items():
+                for i in real:  # the prompt with token i removed, right-padded to n_max (trailing padding trimmed)
+                    variants.append(torch.cat([ids[:i], ids[i + 1 : n], ids.new_full((n_max - n + 1,), pad)]))
+                    vmasks.append((torch.arange(n_max) < n - 1).long())
+                spans[rk] = (start, start + len(real))
+                start += len(real)
+            if not variants:
+                continue
+            pooled_all = self._encode(name, torch.stack(variants), torch.stack(vmasks), keys)
+            flags: dict[tuple[int, int], list[int]] = {}
+            for rk, (_ids, real, _n) in rows.items():
+                a, b = spans[rk]
+                flags[rk] = self._flag(real, pooled_all[det_key][a:b], self._subspace(name, det_key)) if real else []
+            for s in streams:
+                rk = (id(s.capture), s.row)
+                s.flagged = flags[rk]
+                if not s.flagged:
+                    continue
+                a, b = spans[rk]
+                p_in = projector(pooled_all[s.key][a:b].T)
+                p_c = self._subspace(name, s.key)
+                state = _tensor_of(s.capture.output, s.key)[s.row]
+                if s.pooled:
+                    s.filtered = project_out(state[None], p_c, p_in, self.config.projection_order)[0]
+                else:
+                    f = state.double().clone()
+                    f[s.flagged] = project_out(state[s.flagged], p_c, p_in, self.config.projection_order)
+                    s.filtered = f
+        for p in prompts:
+            self._finish(p)
 
-    def _project_row(
-        self, ids: torch.Tensor, real: list[int], pooled: torch.Tensor, states: torch.Tensor
-    ) -> _Filtered | None:
-        resid = pooled.double() - pooled.double() @ self.p_concept  # (I - P_C) p, P symmetric
-        d = resid.norm(dim=-1)
+    def _flag(self, real: list[int], pooled: torch.Tensor, p_concept: torch.Tensor) -> list[int]:
+        d = (pooled - pooled @ p_concept).norm(dim=-1)  # ||(I - P_C) p_\i||, P symmetric
         n = len(real)
         others_mean = (d.sum() - d) / (n - 1)
-        flagged = [real[j] for j in range(n) if d[j] >= (1 + self.config.alpha) * others_mean[j]]
-        if not flagged:
-            return None
-        p_input = projector(pooled.T)
-        e = states[flagged].double()
-        if self.config.projection_order == "concept_last":
-            proj = e @ p_input
-            proj = proj - proj @ self.p_concept
-        else:
-            proj = e - e @ self.p_concept
-            proj = proj @ p_input
-        filtered = states.clone()
-        filtered[flagged] = proj.to(states.dtype)
-        cos = torch.nn.functional.cosine_similarity(filtered[real].double(), states[real].double(), dim=-1)
-        beta = float(1 - cos.mean())
-        steps = max(filter_steps(beta, self.config.k, self.config.t0), self.config.min_steps)
-        words = self.tokenizer.convert_ids_to_tokens([int(ids[i]) for i in flagged])
-        return _Filtered(states.detach().clone(), filtered, steps, beta, words)
+        return [real[j] for j in range(n) if d[j] >= (1 + self.config.alpha) * others_mean[j]]
+
+    def _finish(self, p: _Prompt) -> None:
+        """beta, t' and the filtered denoiser rows of one prompt."""
+        cos: list[torch.Tensor] = []
+        for s in p.streams:
+            if s.flagged and s.name not in p.flagged:
+                tokens = self.tokenizers[s.name].convert_ids_to_tokens(
+                    [int(s.capture.ids[s.row][i]) for i in s.flagged]
+                )
+                p.flagged[s.name] = [_word(t) for t in tokens]
+            state = _tensor_of(s.capture.output, s.key)[s.row].double()
+            if s.pooled:
+                if s.filtered is not None:
+                    cos.append(torch.nn.functional.cosine_similarity(s.filtered, state, dim=-1).reshape(1))
+                continue
+            mask = s.capture.mask[s.row]
+            special = set(self.tokenizers[s.name].all_special_ids)
+            real = [i for i in range(int(mask.sum())) if int(s.capture.ids[s.row][i]) not in special]
+            if s.filtered is None:
+                cos.append(torch.ones(len(real), dtype=torch.float64))
+            else:
+                cos.append(torch.nn.functional.cosine_similarity(s.filtered[real], state[real], dim=-1))
+        if not any(s.filtered is not None for s in p.streams):
+            return
+        p.beta = float(1 - torch.cat(cos).mean()) if cos else 0.0
+        p.steps_of_50 = max(filter_steps(p.beta, self.config.k, self.config.t0), self.config.min_steps)
 
     # ------------------------------------------------------------------ denoiser
     def _denoise_pre(self, module, args, kwargs):
-        monitor, adapter = self.monitor, self.adapter
-        self._active_rows = []
+        adapter = self.adapter
         ehs = kwargs.get("encoder_hidden_states")
-        if ehs is None:
+        self._active_rows = []
+        if not isinstance(ehs, torch.Tensor):
             return None
-        b2 = monitor.batch
-        cfg = adapter.cfg_active() and b2 % 2 == 0
-        rows = list(range(b2 // 2, b2)) if cfg else list(range(b2))
-        if self._row_entries is None:  # match prompt rows to this call's encoder outputs, once per call
-            self._row_entries = []
-            for r in rows:
-                hit = next(
-                    (
-                        e
-                        for e in self._entries
-                        if e.original.shape == ehs[r].shape
-                        and torch.equal(e.original.to(ehs.device, ehs.dtype), ehs[r])
-                    ),
-                    None,
-                )
-                self._row_entries.append(hit)
-            self._record()
-            if not self._entries and monitor.step == 0 and not self.report.details.get("prompts"):
-                self.report.details["inactive"] = "no token flagged (or prompt_embeds given: no token ids to re-encode)"
-        total = getattr(self.adapter.pipe, "_num_timesteps", None) or REFERENCE_STEPS
-        step = monitor.step
-        new = None
-        for r, entry in zip(rows, self._row_entries):
-            if entry is None or step >= round(entry.steps_of_50 * total / REFERENCE_STEPS):
-                continue
-            if new is None:
-                new = ehs.clone()
-            new[r] = entry.filtered.to(ehs.device, ehs.dtype)
+        pooled_path = adapter.pooled_layout[0] if adapter.pooled_layout is not None else None
+        if self._rows is None:  # first denoiser forward of the call: match prompt rows, detect, project
+            self._matched_ehs = ehs
+            self._rows = self._match(ehs, get_path(kwargs, pooled_path) if pooled_path else None)
+            self._captures = []
+        elif ehs is not self._matched_ehs and not (
+            ehs.shape == self._matched_ehs.shape and torch.equal(ehs, self._matched_ehs)
+        ):
+            return None  # another branch (FLUX's separate negative pass)
+        t = _timestep_value(args, kwargs)
+        if self._step < 0 or t != self._last_t:
+            self._step += 1
+            self._last_t = t
+        total = getattr(adapter.pipe, "_num_timesteps", None) or REFERENCE_STEPS
+        active = [(r, p) for r, p in self._rows if self._step < round(p.steps_of_50 * total / REFERENCE_STEPS)]
+        if not active:
+            return None
+        new_ehs = ehs.clone()
+        pooled = get_path(kwargs, pooled_path) if pooled_path else None
+        new_pooled = pooled.clone() if isinstance(pooled, torch.Tensor) else None
+        for r, p in active:
+            if p.ehs is not None:
+                new_ehs[r] = p.ehs.to(ehs.device, ehs.dtype)
+            if p.pooled is not None and new_pooled is not None:
+                new_pooled[r] = p.pooled.to(new_pooled.device, new_pooled.dtype)
             self._active_rows.append(r)
-        if new is None:
-            return None
         self.mark_step()
         kwargs = dict(kwargs)
-        kwargs["encoder_hidden_states"] = new
+        kwargs["encoder_hidden_states"] = new_ehs
+        if new_pooled is not None:
+            kwargs = set_path(kwargs, pooled_path, new_pooled)
         return args, kwargs
 
-    def _record(self) -> None:
-        seen: list[_Filtered] = []
-        for e in self._row_entries or []:
-            if e is not None and all(e is not s for s in seen):
-                seen.append(e)
-        self.report.details["prompts"] = [
-            {"flagged_tokens": e.flagged, "beta": round(e.beta, 4), "filtered_steps_of_50": e.steps_of_50} for e in seen
-        ]
+    def _match(self, ehs: torch.Tensor, pooled: Any) -> list[tuple[int, _Prompt]]:
+        b = ehs.shape[0]
+        rows = range(b // 2, b) if self.adapter.cfg_active() and b % 2 == 0 else range(b)
+        pooled = pooled if isinstance(pooled, torch.Tensor) and pooled.shape[0] == b else None
+        prompts: dict[tuple, _Prompt] = {}
+        first_row: dict[tuple, int] = {}
+        out: list[tuple[int, _Prompt]] = []
+        unmatched = 0
+        for r in rows:
+            streams = self._match_row(ehs[r], pooled[r] if pooled is not None else None)
+            if not streams:
+                unmatched += 1
+                continue
+            sig = tuple((s.name, id(s.capture), s.row, s.key, s.pooled) for s in streams)
+            if sig not in prompts:  # num_images_per_prompt repeats a row: decide once
+                prompts[sig], first_row[sig] = _Prompt(streams), r
+            out.append((r, prompts[sig]))
+        if prompts:
+            self._detect(list(prompts.values()))
+            for sig, p in prompts.items():
+                r = first_row[sig]
+                self._build_rows(p, ehs[r], pooled[r] if pooled is not None else None)
+        self._prompts = list(prompts.values())
+        self._record(self._prompts, unmatched)
+        return [(r, p) for r, p in out if p.steps_of_50 > 0]
+
+    @staticmethod
+    def _build_rows(p: _Prompt, ehs_row: torch.Tensor, pooled_row: torch.Tensor | None) -> None:
+        """The prompt's filtered denoiser rows: its own rows with the filtered streams written in."""
+        if p.steps_of_50 == 0:
+            return
+        for s in p.streams:
+            if s.filtered is None:
+                continue
+            if not s.pooled:
+                p.ehs = ehs_row.clone() if p.ehs is None else p.ehs
+                p.ehs[s.seq, s.feat] = s.filtered.to(p.ehs.dtype)
+            elif pooled_row is not None:
+                p.pooled = pooled_row.clone() if p.pooled is None else p.pooled
+                p.pooled[s.feat] = s.filtered.to(p.pooled.dtype)
+
+    def _record(self, prompts: list[_Prompt], unmatched: int) -> None:
+        multi = len(self.encoders) > 1
+        entries = []
+        for p in prompts:
+            e: dict[str, Any] = {
+                "flagged_tokens": p.flagged_tokens,
+                "beta": round(p.beta, 4),
+                "filtered_steps_of_50": p.steps_of_50,
+            }
+            if multi:
+                e["flagged_by_encoder"] = dict(p.flagged)
+            entries.append(e)
+        self.report.details["prompts"] = entries
+        if not self.re_attention and self.config.re_attention:
+            self.report.details["re_attention"] = "not applicable: the denoiser has no UNet up-blocks"
+        if unmatched:
+            msg = (
+                f"safree could not act on {unmatched} prompt row(s): their embeddings were not produced by this "
+                "pipeline's text encoders in this call (prompt_embeds from elsewhere), so there are no token ids to "
+                "re-encode. Pass the prompt text, or build prompt_embeds with pipe.encode_prompt(...) right before "
+                "the call, or use method='negative_prompt' / 'sld', which act on embeddings."
+            )
+            self.report.details["unguarded_rows"] = unmatched
+            warnings.warn(msg, stacklevel=2)
 
     def _re_attention(self, b: float, s: float):
         def hook(module, args, kwargs):
