@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from ..adapters.base import get_path, set_path
+from ..adapters.layout import EncoderCall, Key, Slice, match_row, prompt_rows, tensor_of
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
 from ..core.errors import InvalidOptionError
@@ -62,8 +63,6 @@ from ..core.monitor import _timestep_value, bypassing
 from ..core.registry import register_defense
 
 REFERENCE_STEPS = 50
-
-Key = tuple[str, int]  # ("out", i): the encoder output's i-th field; ("hs", -k): hidden_states[-k]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,59 +136,12 @@ def project_out(e: torch.Tensor, p_concept: torch.Tensor, p_input: torch.Tensor,
     return (e - e @ p_concept) @ p_input
 
 
-def _field(output: Any, i: int) -> Any:
-    try:
-        return output[i]
-    except (IndexError, KeyError, TypeError):
-        return None
-
-
-def _tensor_of(output: Any, key: Key) -> torch.Tensor | None:
-    kind, i = key
-    if kind == "out":
-        t = _field(output, i)
-    else:
-        hs = getattr(output, "hidden_states", None)
-        t = hs[i] if hs is not None and -len(hs) <= i < 0 else None
-    return t if isinstance(t, torch.Tensor) else None
-
-
-def _candidates(output: Any, ndim: int) -> list[tuple[Key, torch.Tensor]]:
-    """The encoder output's tensors a pipeline may pass on: ``ndim`` 3 for token states, 2 for pooled."""
-    out = []
-    fields = output.to_tuple() if hasattr(output, "to_tuple") else output if isinstance(output, tuple) else (output,)
-    for i, t in enumerate(fields):
-        if isinstance(t, torch.Tensor) and t.ndim == ndim:
-            out.append((("out", i), t))
-    hs = getattr(output, "hidden_states", None)
-    if ndim == 3 and hs is not None:
-        out += [(("hs", i - len(hs)), t) for i, t in enumerate(hs)]
-    return out
-
-
 @dataclasses.dataclass
-class _Capture:
-    """One text-encoder call of the current pipeline call, as the pipeline made it."""
+class _Stream(Slice):
+    """One encoder's slice of a prompt row and, after detection, its filtered form."""
 
-    name: str
-    ids: torch.Tensor
-    mask: torch.Tensor
-    output: Any
-
-
-@dataclasses.dataclass
-class _Stream:
-    """One encoder's share of a prompt row: where it sits and (after detection) its filtered form."""
-
-    name: str
-    capture: _Capture
-    row: int  # row of the capture
-    key: Key
-    seq: slice
-    feat: slice
-    pooled: bool = False  # a pooled-embedding slice rather than token states
     flagged: list[int] = dataclasses.field(default_factory=list)
-    filtered: torch.Tensor | None = None  # (L, D) or (D,), float, only when something was flagged
+    filtered: torch.Tensor | None = None  # (L, D) or (D,), float64, only when something was flagged
 
 
 @dataclasses.dataclass
@@ -250,8 +202,9 @@ class SAFREEDefense(Defense):
         self._subspaces = {}
 
     def _reset_state(self) -> None:
-        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._captures: list[_Capture] = []
+        self._pending: dict[str, tuple[tuple, dict]] = {}
+        self._calls: list[EncoderCall] = []
+        self._masks: dict[int, torch.Tensor] = {}  # id(call) -> mask of its real tokens
         self._rows: list[tuple[int, _Prompt]] | None = None  # (denoiser row, prompt) for rows to filter
         self._prompts: list[_Prompt] = []  # every matched prompt of the call, flagged or not
         self._matched_ehs: torch.Tensor | None = None
@@ -274,9 +227,7 @@ class SAFREEDefense(Defense):
 
     def _enc_pre(self, name: str):
         def hook(module, args, kwargs):
-            ids = args[0] if args else kwargs.get("input_ids")
-            if isinstance(ids, torch.Tensor):
-                self._pending[name] = (ids, kwargs.get("attention_mask"))
+            self._pending[name] = (args, kwargs)
             return None
 
         return hook
@@ -284,16 +235,19 @@ class SAFREEDefense(Defense):
     def _enc_post(self, name: str):
         def hook(module, args, kwargs, output):
             pending = self._pending.pop(name, None)
-            if pending is not None:
-                ids, mask = pending
-                self._captures.append(_Capture(name, ids, self._real_mask(name, ids, mask), output))
+            if pending is None:
+                return None
+            call = EncoderCall(name, output, *pending)
+            if call.input_ids is not None:
+                self._masks[id(call)] = self._real_mask(name, call.input_ids, call.kwargs.get("attention_mask"))
+                self._calls.append(call)
             return None
 
         return hook
 
     def _pool(self, name: str, output: Any, key: Key, mask: torch.Tensor) -> torch.Tensor:
         """Pooled vectors (N, D) of one stream of an encoder output, float64."""
-        t = _tensor_of(output, key)
+        t = tensor_of(output, key)
         if t.ndim == 2:
             return t.double()
         t = t.double()
@@ -320,57 +274,6 @@ class SAFREEDefense(Defense):
             self._subspaces[(name, key)] = projector(pooled.T)
         return self._subspaces[(name, key)]
 
-    # ------------------------------------------------------------------ matching rows to encoder outputs
-    def _find(self, name: str, target: torch.Tensor, seq: int, feat: int, pooled: bool) -> _Stream | None:
-        """The capture row whose stream equals ``target`` at offsets (``seq``, ``feat``)."""
-        for cap in self._captures:
-            if cap.name != name:
-                continue
-            for key, t in _candidates(cap.output, 2 if pooled else 3):
-                if pooled:
-                    region = target[feat : feat + t.shape[-1]]
-                    if region.shape != t.shape[1:]:
-                        continue
-                else:
-                    region = target[seq : seq + t.shape[1], feat : feat + t.shape[2]]
-                    if region.shape != t.shape[1:]:
-                        continue
-                for j in range(t.shape[0]):
-                    if torch.equal(t[j].to(region.device, region.dtype), region):
-                        if pooled:
-                            return _Stream(name, cap, j, key, slice(None), slice(feat, feat + t.shape[-1]), True)
-                        return _Stream(name, cap, j, key, slice(seq, seq + t.shape[1]), slice(feat, feat + t.shape[2]))
-        return None
-
-    def _match_row(self, ehs: torch.Tensor, pooled: torch.Tensor | None) -> list[_Stream]:
-        streams: list[_Stream] = []
-        seq = 0
-        for group in self.adapter.text_layout:
-            feat, length = 0, None
-            for name in group:
-                if name not in self.encoders:
-                    continue
-                s = self._find(name, ehs, seq, feat, pooled=False)
-                if s is None:
-                    break
-                streams.append(s)
-                feat = s.feat.stop
-                length = s.seq.stop - s.seq.start
-            if length is None:
-                break
-            seq += length
-        if pooled is not None and self.adapter.pooled_layout is not None:
-            feat = 0
-            for name in self.adapter.pooled_layout[1]:
-                if name not in self.encoders:
-                    continue
-                s = self._find(name, pooled, 0, feat, pooled=True)
-                if s is None:
-                    break
-                streams.append(s)
-                feat = s.feat.stop
-        return streams
-
     # ------------------------------------------------------------------ detection and projection
     def _detect(self, prompts: list[_Prompt]) -> None:
         """Flag and project every matched stream; one encoder call per encoder for all variants."""
@@ -387,11 +290,11 @@ class SAFREEDefense(Defense):
             pooled_keys = sorted({s.key for s in streams if s.pooled})
             det_key = token_keys[0] if token_keys else pooled_keys[0]
             keys = sorted(set(token_keys) | set(pooled_keys))
-            rows: dict[tuple[int, int], tuple[torch.Tensor, list[int], int]] = {}  # (capture, row) -> ids, real, n
+            rows: dict[tuple[int, int], tuple[torch.Tensor, list[int], int]] = {}  # (call, row) -> ids, real, n
             for s in streams:
-                rk = (id(s.capture), s.row)
+                rk = (id(s.call), s.row)
                 if rk not in rows:
-                    ids, n = s.capture.ids[s.row], int(s.capture.mask[s.row].sum())
+                    ids, n = s.call.input_ids[s.row], int(self._masks[id(s.call)][s.row].sum())
                     real = [i for i in range(n) if int(ids[i]) not in special]
                     rows[rk] = (ids, real if len(real) >= 2 else [], n)
             n_max = max(n for _, _, n in rows.values())
@@ -410,14 +313,14 @@ class SAFREEDefense(Defense):
                 a, b = spans[rk]
                 flags[rk] = self._flag(real, pooled_all[det_key][a:b], self._subspace(name, det_key)) if real else []
             for s in streams:
-                rk = (id(s.capture), s.row)
+                rk = (id(s.call), s.row)
                 s.flagged = flags[rk]
                 if not s.flagged:
                     continue
                 a, b = spans[rk]
                 p_in = projector(pooled_all[s.key][a:b].T)
                 p_c = self._subspace(name, s.key)
-                state = _tensor_of(s.capture.output, s.key)[s.row]
+                state = s.source()
                 if s.pooled:
                     s.filtered = project_out(state[None], p_c, p_in, self.config.projection_order)[0]
                 else:
@@ -439,17 +342,17 @@ class SAFREEDefense(Defense):
         for s in p.streams:
             if s.flagged and s.name not in p.flagged:
                 tokens = self.tokenizers[s.name].convert_ids_to_tokens(
-                    [int(s.capture.ids[s.row][i]) for i in s.flagged]
+                    [int(s.call.input_ids[s.row][i]) for i in s.flagged]
                 )
                 p.flagged[s.name] = [_word(t) for t in tokens]
-            state = _tensor_of(s.capture.output, s.key)[s.row].double()
+            state = s.source().double()
             if s.pooled:
                 if s.filtered is not None:
                     cos.append(torch.nn.functional.cosine_similarity(s.filtered, state, dim=-1).reshape(1))
                 continue
-            mask = s.capture.mask[s.row]
+            mask = self._masks[id(s.call)][s.row]
             special = set(self.tokenizers[s.name].all_special_ids)
-            real = [i for i in range(int(mask.sum())) if int(s.capture.ids[s.row][i]) not in special]
+            real = [i for i in range(int(mask.sum())) if int(s.call.input_ids[s.row][i]) not in special]
             if s.filtered is None:
                 cos.append(torch.ones(len(real), dtype=torch.float64))
             else:
@@ -470,7 +373,7 @@ class SAFREEDefense(Defense):
         if self._rows is None:  # first denoiser forward of the call: match prompt rows, detect, project
             self._matched_ehs = ehs
             self._rows = self._match(ehs, get_path(kwargs, pooled_path) if pooled_path else None)
-            self._captures = []
+            self._calls, self._masks = [], {}
         elif ehs is not self._matched_ehs and not (
             ehs.shape == self._matched_ehs.shape and torch.equal(ehs, self._matched_ehs)
         ):
@@ -501,18 +404,18 @@ class SAFREEDefense(Defense):
 
     def _match(self, ehs: torch.Tensor, pooled: Any) -> list[tuple[int, _Prompt]]:
         b = ehs.shape[0]
-        rows = range(b // 2, b) if self.adapter.cfg_active() and b % 2 == 0 else range(b)
+        rows = prompt_rows(self.adapter, b)[1]
         pooled = pooled if isinstance(pooled, torch.Tensor) and pooled.shape[0] == b else None
         prompts: dict[tuple, _Prompt] = {}
         first_row: dict[tuple, int] = {}
         out: list[tuple[int, _Prompt]] = []
         unmatched = 0
         for r in rows:
-            streams = self._match_row(ehs[r], pooled[r] if pooled is not None else None)
+            streams = match_row(self.adapter, self._calls, ehs[r], pooled[r] if pooled is not None else None, _Stream)
             if not streams:
                 unmatched += 1
                 continue
-            sig = tuple((s.name, id(s.capture), s.row, s.key, s.pooled) for s in streams)
+            sig = tuple((s.name, id(s.call), s.row, s.key, s.pooled) for s in streams)
             if sig not in prompts:  # num_images_per_prompt repeats a row: decide once
                 prompts[sig], first_row[sig] = _Prompt(streams), r
             out.append((r, prompts[sig]))
