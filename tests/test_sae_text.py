@@ -127,3 +127,83 @@ def test_prompt_embeds_warn_and_bad_module_raises(setup):
     with pytest.warns(UserWarning, match="prompt_embeds"):
         run(pipe, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=neg)
     safeguard.unwrap(pipe)
+
+
+OWNER = {"sdxl": "text_encoder_2", "sd3": "text_encoder_3", "flux": "text_encoder_2"}
+
+
+def first_layer(pipe, encoder_name):
+    enc = getattr(pipe, encoder_name)
+    name = next(n for n, _ in enc.named_modules() if n.endswith(("layers.0", "block.0")))
+    width = getattr(enc.config, "hidden_size", None) or enc.config.d_model
+    return f"{encoder_name}.{name}", enc.get_submodule(name), width
+
+
+def encode_with(pipe, family, layer, vec, text):
+    """``(token states, pooled)`` the pipeline's own encode_prompt gives ``text`` with ``vec`` added at ``layer``."""
+
+    def hook(m, a, o):
+        h = o[0] if isinstance(o, tuple) else o
+        return (h + vec, *o[1:]) if isinstance(o, tuple) else h + vec
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad(), safeguard.disabled(pipe):
+            if family == "flux":
+                pe, pooled, _ = pipe.encode_prompt(text, None, device=pipe.device)
+                return pe, pooled
+            out = pipe.encode_prompt(
+                text, **({"prompt_2": None, "prompt_3": None} if family == "sd3" else {}), device=pipe.device,
+                num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt="",
+            )  # fmt: skip
+            return out[0], out[2]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_other_families_steer_the_sae_encoder_slice_plus_on_prompts_minus_on_negatives(family, tmp_path):
+    from tiny_pipelines import FACTORIES
+
+    pipe = FACTORIES[family]()
+    module, layer, width = first_layer(pipe, OWNER[family])
+    sae = TopKSAE(SAEConfig(d_in=width, num_latents=4 * width, k=8), generator=torch.Generator().manual_seed(0))
+    save_sae(sae, tmp_path)
+    prompt, negative = "a red star", "blurry, dark"
+    kw = dict(prompt=prompt, negative_prompt=negative, num_inference_steps=2, output_type="np")
+    kw.update(true_cfg_scale=2.0) if family == "flux" else kw.update(guidance_scale=5.0)
+
+    def images():
+        return np.asarray(pipe(generator=torch.Generator().manual_seed(0), **kw).images)
+
+    plain = images()
+    safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=str(tmp_path), module=module, strength=0.0)
+    assert np.array_equal(images(), plain)
+    safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=str(tmp_path), module=module, strength=-2.0,
+                   overwrite=True)  # fmt: skip
+    vec = safeguard.api.get_guard(pipe).defenses[0].vector
+    adapter = safeguard.adapters.get_adapter(pipe)
+    path = adapter.pooled_layout[0]
+    seen = []
+
+    def grab(m, a, k):
+        seen.append((k["encoder_hidden_states"].clone(), safeguard.adapters.base.get_path(k, path).clone()))
+
+    handle = adapter.denoiser.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        guarded = images()
+    finally:
+        handle.remove()
+    assert not np.array_equal(guarded, plain)
+    pos, pos_pooled = encode_with(pipe, family, layer, vec, prompt)
+    neg, neg_pooled = encode_with(pipe, family, layer, -vec, negative)
+    if family == "flux":  # true CFG: a prompt pass, then a negative pass, per step
+        expected = [(pos, pos_pooled), (neg, neg_pooled)] * 2
+    else:  # batched guidance: [negative; prompt]
+        expected = [(torch.cat([neg, pos]), torch.cat([neg_pooled, pos_pooled]))] * 2
+    assert len(seen) == len(expected)
+    for (ehs, pooled), (want_ehs, want_pooled) in zip(seen, expected):
+        torch.testing.assert_close(ehs, want_ehs, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(pooled, want_pooled, atol=1e-6, rtol=1e-6)
+    safeguard.unwrap(pipe)
+    assert np.array_equal(images(), plain)

@@ -8,13 +8,20 @@ the prompt at that layer (strength < 0 steers away from the concept), and its op
 negative prompt when guidance is on.
 
 Which encoding is the prompt and which the negative prompt is decided where it is certain: at
-the denoiser, whose guided batch is ``[negative rows; positive rows]``. Every encoding gets
+the denoiser, whose guided batch is ``[negative rows; positive rows]`` (FLUX's true CFG: the
+forward whose conditioning differs from the first one's). Every encoding gets
 ``+strength * v``; a second pass of the encoder on the same input, with ``-strength * v``, is kept
-beside it, and the denoiser's negative rows are swapped for their second-pass version. So the
-order in which a pipeline encodes prompt and negative prompt never matters. The second pass runs
-only for encodings found in the negative half, and is cached by input (the empty negative
-prompt repeats across calls), so the steady cost is one layer hook per encoding and a row swap
-per denoising step.
+beside it, and the slices of the denoiser's negative rows that this encoder produced (its token
+states and, on SDXL/SD3/FLUX, its share of the pooled embedding; found with
+:mod:`safeguard.adapters.layout`) are swapped for their second-pass version. So the order in
+which a pipeline encodes prompt and negative prompt never matters. The second pass runs only
+for encodings found in the negative rows, and is cached by input (the empty negative prompt
+repeats across calls), so the steady cost is one layer hook per encoding and a row swap per
+denoising step.
+
+Any text encoder of any supported family can carry the SAE (SD 1.x CLIP, SDXL's either CLIP,
+SD3's CLIPs or T5, FLUX's T5): the defense hooks the encoder that owns the SAE's module. An SAE
+over two layers concatenated (the SDXL preset of Concept Steerers) is not supported yet.
 
 Limits: embeddings passed as ``prompt_embeds=`` were made outside the pipeline's encoder, so
 their intermediate layer cannot be steered; such calls run unguarded with a warning.
@@ -33,6 +40,8 @@ from typing import Any
 
 import torch
 
+from ..adapters.base import get_path, set_path
+from ..adapters.layout import EncoderCall, match_row, prompt_rows
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
 from ..core.errors import InvalidOptionError
@@ -86,23 +95,26 @@ class SAETextDefense(Defense):
     name = "sae_text"
     config_class = SAETextConfig
     order = 30
-    families = ("sd",)
-
-    @classmethod
-    def unsupported_reason(cls, adapter: Any) -> str:
-        return "it needs one text encoder with an SAE trained on it (SD 1.x/2.x for now)."
+    families = ("sd", "sdxl", "sd3", "flux")
 
     def _reset_state(self) -> None:
         self.sign = 1.0
         self.mask: torch.Tensor | None = None
-        self.encodings: list[tuple[torch.Tensor, Any, tuple, dict]] = []  # (+v output, encoder, args, kwargs)
-        self.swapped: dict[int, torch.Tensor] | None = None  # negative row -> its -v encoding, this call
+        self.encodings: list[EncoderCall] = []  # this call's text-encoder calls (the SAE's encoder: with +v)
+        self.first_ehs: torch.Tensor | None = None  # the conditioning of the call's first denoiser forward
+        self.swapped: dict[tuple[bool, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.warned = False
 
     def _attach(self, adapter: Any) -> None:
         cfg: SAETextConfig = self.config  # type: ignore[assignment]
         self.sae, module, layer = sae_and_module(adapter, cfg.sae, SHIPPED / "text", cfg.module, "text")
-        encoder = adapter.text_encoders[0]
+        self.encoder_name = module.partition(".")[0]
+        encoder = adapter.encoder_by_name(self.encoder_name)
+        self.tokenizer = adapter.tokenizer_for(self.encoder_name)
+        if encoder is None or self.tokenizer is None:
+            raise InvalidOptionError(
+                f"module={module!r} is not inside a text encoder with a tokenizer on {adapter.pipeline_name}."
+            )
         d = self.sae.cfg.d_in
         self.encoder, self.layer = encoder, layer
         self._opposites: dict[tuple, torch.Tensor] = {}  # input -> -v encoding (the empty negative prompt repeats)
@@ -114,12 +126,16 @@ class SAETextDefense(Defense):
         }
         self.hooks.forward_pre_hook(encoder, "mask", self.timed(self._on_encoder_pre))
         self.hooks.forward_hook(layer, "steer", self._on_layer)  # also runs (bypassed monitor) in the second pass
-        self.hooks.forward_hook(encoder, "encodings", self.timed(self._on_encoder))
+        # every text encoder's calls are recorded: placing this encoder's slice in a row needs the others
+        pooled_names = adapter.pooled_layout[1] if adapter.pooled_layout is not None else ()
+        for name in dict.fromkeys([*(n for group in adapter.text_layout for n in group), *pooled_names]):
+            if (m := adapter.encoder_by_name(name)) is not None:
+                self.hooks.forward_hook(m, f"encodings_{name}", self.timed(self._on_encoder(name)))
         self.hooks.forward_pre_hook(adapter.denoiser, "swap_negative", self.timed(self._on_denoise))
 
     @torch.no_grad()
     def _concept_vector(self, adapter: Any, text: str, d: int) -> torch.Tensor:
-        tok = adapter.tokenizers[0]
+        tok = self.tokenizer
         enc = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         captured: list[torch.Tensor] = []
         handle = self.layer.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
@@ -160,32 +176,43 @@ class SAETextDefense(Defense):
         gate = self.mask.to(h.dtype).unsqueeze(-1) if self.mask is not None and self.mask.shape == h.shape[:2] else None
         return replace_hidden(output, h + (vec if gate is None else gate * vec))
 
-    def _on_encoder(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        first = output.last_hidden_state if hasattr(output, "last_hidden_state") else hidden_of(output)
-        self.encodings.append((first.detach(), module, args, kwargs))
-        return None
+    def _on_encoder(self, name: str):
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            self.encodings.append(EncoderCall(name, output, args, kwargs))
 
-    def _opposite(self, module: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        return hook
+
+    def _opposite(self, call: EncoderCall) -> Any:
         """The encoder's output for the same input with ``-strength * v`` (cached by input)."""
-        parts = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        key = tuple((tuple(t.shape), t.cpu().numpy().tobytes()) for t in parts)
+        parts = [t for t in (*call.args, *call.kwargs.values()) if isinstance(t, torch.Tensor)]
+        key = (tuple((tuple(t.shape), t.cpu().numpy().tobytes()) for t in parts), tuple(sorted(call.kwargs)))
         if key not in self._opposites:
             self.sign = -1.0
             try:
                 with bypassing(self.monitor), torch.no_grad():
-                    again = module(*args, **kwargs)
+                    again = self.encoder(*call.args, **call.kwargs)
             finally:
                 self.sign = 1.0
             if len(self._opposites) >= 64:
                 self._opposites.pop(next(iter(self._opposites)))
-            self._opposites[key] = again.last_hidden_state if hasattr(again, "last_hidden_state") else hidden_of(again)
+            self._opposites[key] = again
         return self._opposites[key]
+
+    def _negative_rows(self, ehs: torch.Tensor) -> tuple[bool, range]:
+        """``(is this FLUX-style separate negative pass, rows to give -v)`` for one denoiser forward."""
+        if self.adapter.cfg_batched:
+            return False, prompt_rows(self.adapter, ehs.shape[0])[0]
+        if self.first_ehs is None:
+            self.first_ehs = ehs
+        if ehs is self.first_ehs or (ehs.shape == self.first_ehs.shape and torch.equal(ehs, self.first_ehs)):
+            return False, range(0)
+        return True, range(ehs.shape[0])
 
     def _on_denoise(self, module: Any, args: tuple, kwargs: dict) -> Any:
         ehs = kwargs.get("encoder_hidden_states")
         if not isinstance(ehs, torch.Tensor):
             return None
-        if not self.encodings:
+        if not any(c.name == self.encoder_name for c in self.encodings):
             if not self.warned:
                 warnings.warn(
                     "sae_text: this call passed prompt_embeds made outside the pipeline's text encoder; the SAE's "
@@ -195,20 +222,36 @@ class SAETextDefense(Defense):
                 self.warned = True
             return None
         self.mark_step()
-        if not (self.config.negative and self.adapter.cfg_active()):
+        if not self.config.negative:
             return None
-        if self.swapped is None:  # first step: find the negative rows' encodings, once per call
-            rows = list(ehs[: ehs.shape[0] // 2])
-            self.swapped = {}
-            for i, row in enumerate(rows):
-                for first, enc, a, k in self.encodings:
-                    hit = next((j for j, r in enumerate(first) if r.shape == row.shape and torch.equal(r, row)), None)
-                    if hit is not None:
-                        self.swapped[i] = self._opposite(enc, a, k)[hit].to(ehs.dtype)
-                        break
-        if not self.swapped:
+        separate, rows = self._negative_rows(ehs)
+        if not rows:
             return None
-        new = ehs.clone()
-        for i, row in self.swapped.items():
-            new[i] = row
-        return args, {**kwargs, "encoder_hidden_states": new}
+        pooled_path = self.adapter.pooled_layout[0] if self.adapter.pooled_layout is not None else None
+        pooled = get_path(kwargs, pooled_path) if pooled_path else None
+        pooled = pooled if isinstance(pooled, torch.Tensor) and pooled.shape[0] == ehs.shape[0] else None
+        new_ehs, new_pooled = ehs.clone(), None if pooled is None else pooled.clone()
+        changed = False
+        for r in rows:
+            if (separate, r) not in self.swapped:  # once per call: this row's slices from the SAE's encoder, at -v
+                e_row, p_row = ehs[r].clone(), None if pooled is None else pooled[r].clone()
+                for s in match_row(self.adapter, self.encodings, ehs[r], None if pooled is None else pooled[r]):
+                    if s.name != self.encoder_name:
+                        continue
+                    value = s.source(self._opposite(s.call))
+                    if s.pooled and p_row is not None:
+                        p_row[s.feat] = value.to(p_row.dtype)
+                    elif not s.pooled:
+                        e_row[s.seq, s.feat] = value.to(e_row.dtype)
+                self.swapped[(separate, r)] = (e_row, p_row)
+            e_row, p_row = self.swapped[(separate, r)]
+            new_ehs[r] = e_row
+            if p_row is not None and new_pooled is not None:
+                new_pooled[r] = p_row
+            changed = True
+        if not changed:
+            return None
+        kwargs = {**kwargs, "encoder_hidden_states": new_ehs}
+        if new_pooled is not None:
+            kwargs = set_path(kwargs, pooled_path, new_pooled)
+        return args, kwargs
