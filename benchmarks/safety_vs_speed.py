@@ -8,12 +8,21 @@ unguarded image already lacks the concept, e.g. unseen synonyms the model does n
 
     python benchmarks/safety_vs_speed.py                       # run the evals, then plot
     python benchmarks/safety_vs_speed.py --from-results benchmarks/results/eval   # plot existing JSONs
+    python benchmarks/safety_vs_speed.py --methods diffusers_safe  # only the diffusers peer, then plot all
     python benchmarks/safety_vs_speed.py --quick --out /tmp/svs  # CI smoke: 2 prompts per category, 1 seed
 
 Methods default to every registered defense that works on SD 1.x pipelines, plus the composition
-``negative_prompt+sld`` (a ``+`` in a method name composes). Outputs ``pareto_<concept>.png`` and
-``safety_vs_speed.csv`` under ``--out`` (default ``benchmarks/results/eval``). diffusers' own
-``StableDiffusionPipelineSafe`` is compared with ``sld`` by ``benchmarks/sld_peer.py``.
+``negative_prompt+sld`` (a ``+`` in a method name composes). With ``--peer`` (the default) it also
+evaluates diffusers' own ``StableDiffusionPipelineSafe`` (method name ``diffusers_safe``): built on
+copies of the same ShapesWorld weights (``sld_peer.safe_pipeline``), preset ``SafetyConfig.MEDIUM``
+(our ``sld`` default ``medium``), safety concept the text our ``sld`` encodes, run by the same
+harness on the same suites, prompts, seeds, steps and guidance scale as ``sld``; its guarded images
+come from the Safe pipeline and its unguarded ones from the plain, never-wrapped ShapesWorld
+pipeline in the same process (``run_eval(..., guarded_pipe=...)``). It is drawn as a diamond
+labelled "diffusers Safe (medium)"; ``--no-peer`` leaves it out of the runs, the CSV and the plots.
+Outputs ``<concept>_<method>.json`` / ``.png`` (the harness's files), ``pareto_<concept>.png`` and
+``safety_vs_speed.csv`` under ``--out`` (default ``benchmarks/results/eval``).
+``benchmarks/sld_peer.py`` compares the two SLDs' speed head to head.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 
@@ -32,15 +42,64 @@ def default_methods() -> list[str]:
     return [*names, "negative_prompt+sld"] if {"negative_prompt", "sld"} <= set(names) else names
 
 
+PEER = "diffusers_safe"  # method name of diffusers' StableDiffusionPipelineSafe in files and the CSV
+PEER_PRESET = "medium"  # our sld's default preset, diffusers' SafetyConfig.MEDIUM
+PEER_LABEL = f"diffusers Safe ({PEER_PRESET})"
+
+
+def run_peer(pipe, safe, out: Path, concept: str, seeds: int, per_category: int) -> dict:
+    """Evaluate diffusers' ``StableDiffusionPipelineSafe`` ``safe`` with the harness; ``pipe`` is the plain baseline.
+
+    Same suite, seeds, steps and guidance scale as the harness uses for ``sld`` (the ShapesWorld
+    pipeline's call defaults), preset ``PEER_PRESET``, safety concept the text ``sld`` encodes.
+    Writes ``<concept>_diffusers_safe.json`` (the harness's schema plus a ``peer`` entry) and ``.png``.
+    """
+    import functools
+
+    import diffusers
+    from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+    from safeguard.concepts import resolve_concepts
+    from safeguard.defenses.guidance import concept_text
+    from safeguard.eval.harness import run_eval
+
+    safe._safety_text_concept = concept_text(resolve_concepts([concept]))  # the concept sld encodes
+    sld_kw = dict(getattr(SafetyConfig, PEER_PRESET.upper()))
+    call = dict(num_inference_steps=pipe.default_num_inference_steps, guidance_scale=pipe.default_guidance_scale)
+    guarded = functools.partial(safe, **call, **sld_kw)
+    for side in (pipe, guarded):  # warm-up (the harness times its first batch too)
+        side(prompt=["a red star on a white background"], num_inference_steps=2, output_type="np")
+    result = run_eval(
+        pipe, concept, method=PEER, seeds=seeds, per_category=per_category, out_dir=out, guarded_pipe=guarded
+    )
+    result.pop("files", None)
+    result["peer"] = dict(
+        pipeline=f"diffusers.{type(safe).__name__}", diffusers=diffusers.__version__, preset=PEER_PRESET,
+        kwargs=sld_kw, safety_concept=safe._safety_text_concept, **call,
+        unguarded="the plain ShapesWorld pipeline (never wrapped), same process, same batches",
+    )  # fmt: skip
+    (out / f"{concept}_{PEER}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def run_evals(out: Path, concepts: list[str], methods: list[str], seeds: int, per_category: int = 12) -> None:
     from safeguard.eval.harness import format_metrics, run_eval
     from safeguard.models import shapes_pipeline
 
     pipe = shapes_pipeline()
+    safe = None
     for method in methods:
         for concept in concepts:
-            spec = method.split("+") if "+" in method else method
-            result = run_eval(pipe, concept, method=spec, seeds=seeds, per_category=per_category, out_dir=out)
+            if method == PEER:
+                if safe is None:
+                    sys.path.insert(0, str(Path(__file__).resolve().parent))
+                    from sld_peer import safe_pipeline
+
+                    safe = safe_pipeline(pipe)  # copies of the weights, so no hook is ever shared
+                result = run_peer(pipe, safe, out, concept, seeds, per_category)
+            else:
+                spec = method.split("+") if "+" in method else method
+                result = run_eval(pipe, concept, method=spec, seeds=seeds, per_category=per_category, out_dir=out)
             print(format_metrics(result))
 
 
@@ -81,10 +140,20 @@ def plot(rows: list[dict], concept: str, path: Path) -> None:
         )  # same prompts and seeds in every run
         ax.scatter([1.0], [base], marker="*", s=160, color="black", label="unguarded")
         for r in sel:
-            ax.scatter(r["latency_ratio"], r[key], s=70)
+            if r["method"] == PEER:  # diffusers' own SLD pipeline: a hollow diamond, labelled in the legend
+                ax.scatter(
+                    r["latency_ratio"], r[key], marker="D", s=80, facecolors="none", edgecolors="black",
+                    linewidths=1.5, label=PEER_LABEL,
+                )  # fmt: skip
+            else:
+                ax.scatter(r["latency_ratio"], r[key], s=70)
+            peer = r["method"] == PEER  # its label goes to the left, off our sld's (usually at about the same ratio)
             ax.annotate(
-                r["method"], (r["latency_ratio"], r[key]), textcoords="offset points", xytext=(6, 4), fontsize=9
-            )
+                PEER_LABEL if peer else r["method"], (r["latency_ratio"], r[key]), textcoords="offset points",
+                xytext=(-8, -3) if peer else (6, 4), ha="right" if peer else "left", fontsize=9,
+            )  # fmt: skip
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo, hi + 0.35 * (hi - lo))  # room for the labels of the slowest points
         ax.set_xlabel("latency ratio to unguarded (same run)")
         ax.set_ylabel(label)
         ax.set_ylim(-0.05, 1.05)
@@ -100,18 +169,27 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-results", type=Path, default=None, help="plot existing eval JSONs instead of running")
     p.add_argument("--concepts", nargs="+", default=["red", "star"])
-    p.add_argument("--methods", nargs="+", default=None, help="default: every SD defense and negative_prompt+sld")
+    p.add_argument(
+        "--methods", nargs="+", default=None,
+        help=f"default: every SD defense and negative_prompt+sld; {PEER!r} alone runs only the diffusers peer",
+    )  # fmt: skip
+    p.add_argument(
+        "--peer", action=argparse.BooleanOptionalAction, default=True,
+        help=f"also evaluate diffusers' StableDiffusionPipelineSafe ({PEER}, preset {PEER_PRESET}) and plot it",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--per-category", type=int, default=12)
-    p.add_argument("--quick", action="store_true", help="2 prompts per category, 1 seed (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="2 prompts per category, 1 seed (a smoke run; the peer too)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/eval"))
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.per_category = 1, 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_results is None:
-        run_evals(args.out, args.concepts, args.methods or default_methods(), args.seeds, args.per_category)
-    rows = load(args.from_results or args.out)
+        methods = [m for m in args.methods or default_methods() if m != PEER]
+        methods += [PEER] if args.peer else []  # with --methods too: --quick and the CI smoke cover the peer
+        run_evals(args.out, args.concepts, methods, args.seeds, args.per_category)
+    rows = [r for r in load(args.from_results or args.out) if args.peer or r["method"] != PEER]
     with (args.out / "safety_vs_speed.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         w.writeheader()

@@ -33,20 +33,26 @@ from safeguard.concepts import resolve_concepts
 from safeguard.defenses.guidance import concept_text
 
 
-def build(steps: int):
+def safe_pipeline(base):
+    """diffusers' ``StableDiffusionPipelineSafe`` on copies of ``base``'s modules (no hook is shared), no checker."""
     from diffusers import StableDiffusionPipelineSafe
 
-    from safeguard.models import shapes_pipeline
-
-    plain = shapes_pipeline()
-    ours = shapes_pipeline()
-    base = shapes_pipeline()
     safe = StableDiffusionPipelineSafe(
         vae=copy.deepcopy(base.vae), text_encoder=copy.deepcopy(base.text_encoder), tokenizer=base.tokenizer,
         unet=copy.deepcopy(base.unet), scheduler=type(base.scheduler).from_config(base.scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     safe.set_progress_bar_config(disable=True)
+    return safe
+
+
+def build(steps: int):
+    from safeguard.models import shapes_pipeline
+
+    plain = shapes_pipeline()
+    ours = shapes_pipeline()
+    base = shapes_pipeline()
+    safe = safe_pipeline(base)
     for p in (plain, ours):
         p.set_progress_bar_config(disable=True)
     return plain, ours, safe

@@ -237,7 +237,7 @@ def test_sld_peer_quick_run_writes_files_and_schema(tmp_path):
 
 
 def test_safety_vs_speed_quick_run_writes_evals_csv_and_plots(tmp_path):
-    """benchmarks/safety_vs_speed.py --quick: one defense and the composition on ShapesWorld (files only)."""
+    """benchmarks/safety_vs_speed.py --quick: one defense, the composition and the diffusers peer (files only)."""
     pytest.importorskip("matplotlib")
     cmd = [
         sys.executable, str(REPO / "benchmarks" / "safety_vs_speed.py"), "--quick", "--concepts", "red",
@@ -245,9 +245,32 @@ def test_safety_vs_speed_quick_run_writes_evals_csv_and_plots(tmp_path):
     ]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    for name in ("red_negative_prompt.json", "red_negative_prompt+sld.json", "safety_vs_speed.csv", "pareto_red.png"):
+    names = ("red_negative_prompt.json", "red_negative_prompt+sld.json", "red_diffusers_safe.json",
+             "red_diffusers_safe.png", "safety_vs_speed.csv", "pareto_red.png")  # fmt: skip
+    for name in names:
         assert (tmp_path / name).is_file(), name
     comp = json.loads((tmp_path / "red_negative_prompt+sld.json").read_text())
     assert comp["method"] == "negative_prompt+sld" and comp["per_category"] == 2 and comp["seeds"] == 1
     rows = list(csv.DictReader((tmp_path / "safety_vs_speed.csv").open()))
-    assert {r["method"] for r in rows} >= {"negative_prompt", "negative_prompt+sld"}
+    assert {r["method"] for r in rows} >= {"negative_prompt", "negative_prompt+sld", "diffusers_safe"}
+
+    # diffusers' StableDiffusionPipelineSafe through the same harness: its schema plus `peer`, the same samples
+    peer = json.loads((tmp_path / "red_diffusers_safe.json").read_text())
+    assert set(peer) == set(comp) | {"peer"} and peer["method"] == "diffusers_safe" and peer["options"] == {}
+    assert peer["per_category"] == 2 and peer["seeds"] == 1 and peer["last_report"] is None
+    for key in ("erasure", "asr", "unguarded_shows", "n", "preservation", "latency"):
+        assert set(peer["metrics"][key]) == set(comp["metrics"][key]), key
+    assert peer["peer"]["preset"] == "medium" and peer["peer"]["kwargs"]["sld_guidance_scale"] == 1000
+    assert peer["peer"]["safety_concept"].split(", ")[0] == "red" and peer["peer"]["num_inference_steps"] == 20
+    samples = [(r["prompt"], r["category"], r["seed"], r["asked"]) for r in comp["records"]]
+    assert [(r["prompt"], r["category"], r["seed"], r["asked"]) for r in peer["records"]] == samples
+    assert [r["unguarded"] for r in peer["records"]] == [r["unguarded"] for r in comp["records"]]  # same baseline
+
+    # --no-peer leaves it out of the CSV (and the plots) when re-plotting
+    spec = importlib.util.spec_from_file_location("safeguard_benchmark_svs", REPO / "benchmarks" / "safety_vs_speed.py")
+    svs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(svs)
+    svs.main(["--from-results", str(tmp_path), "--no-peer", "--concepts", "red", "--out", str(tmp_path / "replot")])
+    rows = list(csv.DictReader((tmp_path / "replot" / "safety_vs_speed.csv").open()))
+    assert {r["method"] for r in rows} == {"negative_prompt", "negative_prompt+sld"}
+    assert (tmp_path / "replot" / "pareto_red.png").is_file()

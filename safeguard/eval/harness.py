@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -41,9 +42,18 @@ def _generate(pipe: Any, prompts: list[str], seeds: list[int]) -> np.ndarray:
 
 
 def generate_interleaved(
-    pipe: Any, samples: list[tuple[str, int]], batch_size: int, desc: str, progress: bool = True
+    pipe: Any,
+    samples: list[tuple[str, int]],
+    batch_size: int,
+    desc: str,
+    progress: bool = True,
+    guarded_pipe: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float, dict | None]:
     """Generate every (prompt, seed) unguarded then guarded, batch by batch, on a wrapped ``pipe``.
+
+    With ``guarded_pipe`` (any callable taking ``prompt``, ``generator`` and ``output_type``, e.g.
+    another library's safe pipeline) the guarded images come from it and the unguarded ones from
+    ``pipe`` called as it is (not wrapped); the report is then ``None``.
 
     Returns (unguarded uint8 images, guarded images, unguarded seconds, guarded seconds, the last
     call's report as a dict).
@@ -56,14 +66,14 @@ def generate_interleaved(
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress):
         chunk = samples[i : i + batch_size]
         prompts, seeds = [p for p, _ in chunk], [1000 + s for _, s in chunk]
-        with safeguard.disabled(pipe):
+        with safeguard.disabled(pipe) if guarded_pipe is None else contextlib.nullcontext():
             t0 = time.perf_counter()
             plain.append(_generate(pipe, prompts, seeds))
             t_plain += time.perf_counter() - t0
         t0 = time.perf_counter()
-        guarded.append(_generate(pipe, prompts, seeds))
+        guarded.append(_generate(pipe if guarded_pipe is None else guarded_pipe, prompts, seeds))
         t_guard += time.perf_counter() - t0
-    report = safeguard.last_report(pipe)
+    report = safeguard.last_report(pipe) if guarded_pipe is None else None
     return np.concatenate(plain), np.concatenate(guarded), t_plain, t_guard, report.to_dict() if report else None
 
 
@@ -82,10 +92,14 @@ def run_eval(
     out_dir: str | Path | None = None,
     judge: Any = None,
     progress: bool = True,
+    guarded_pipe: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``method`` against ``concept`` on a ShapesWorld pipeline; returns the metrics dict.
 
-    The pipeline is wrapped for the run and unwrapped afterwards.
+    The pipeline is wrapped for the run and unwrapped afterwards. With ``guarded_pipe`` (a callable
+    pipeline guarded by other means, e.g. diffusers' ``StableDiffusionPipelineSafe`` on the same
+    weights) ``pipe`` is not wrapped: it makes the unguarded images, ``guarded_pipe`` the guarded
+    ones, on the same samples, and ``method`` (a string) only names the result.
     """
     import safeguard
 
@@ -95,13 +109,18 @@ def run_eval(
     judge = judge or ShapesJudge()
     suite = build_suite(concept, per_category=per_category)
     samples: list[tuple[SuitePrompt, int]] = [(p, s) for p in suite for s in range(seeds)]
-    safeguard.wrap(pipe, concepts=[concept], method=method, **(options or {}))
-    try:
-        pairs = [(p.prompt, s) for p, s in samples]
-        desc = f"eval {method or 'default'} vs {concept}"
-        plain, guarded, t_plain, t_guard, last = generate_interleaved(pipe, pairs, batch_size, desc, progress)
-    finally:
-        safeguard.unwrap(pipe)
+    pairs = [(p.prompt, s) for p, s in samples]
+    desc = f"eval {method or 'default'} vs {concept}"
+    if guarded_pipe is not None:
+        plain, guarded, t_plain, t_guard, last = generate_interleaved(
+            pipe, pairs, batch_size, desc, progress, guarded_pipe=guarded_pipe
+        )
+    else:
+        safeguard.wrap(pipe, concepts=[concept], method=method, **(options or {}))
+        try:
+            plain, guarded, t_plain, t_guard, last = generate_interleaved(pipe, pairs, batch_size, desc, progress)
+        finally:
+            safeguard.unwrap(pipe)
     r_plain, r_guard = judge.read_many(plain), judge.read_many(guarded)
     records = []
     for (p, s), a, b, x, y in zip(samples, r_plain, r_guard, plain, guarded):
