@@ -146,7 +146,7 @@ def encode_with(pipe, family, layer, vec, text):
         h = o[0] if isinstance(o, tuple) else o
         return (h + vec, *o[1:]) if isinstance(o, tuple) else h + vec
 
-    handle = layer.register_forward_hook(hook)
+    handle = layer.register_forward_hook(hook, prepend=True)  # before transformers' hidden_states recorder
     try:
         with torch.no_grad(), safeguard.disabled(pipe):
             if family == "flux":
@@ -207,3 +207,46 @@ def test_other_families_steer_the_sae_encoder_slice_plus_on_prompts_minus_on_neg
         torch.testing.assert_close(pooled, want_pooled, atol=1e-6, rtol=1e-6)
     safeguard.unwrap(pipe)
     assert np.array_equal(images(), plain)
+
+
+def test_sdxl_sae_over_both_encoders_splits_the_vector_between_their_layers(tmp_path):
+    from tiny_pipelines import tiny_sdxl
+
+    pipe = tiny_sdxl()
+    (m1, layer1, w1), (m2, layer2, w2) = first_layer(pipe, "text_encoder"), first_layer(pipe, "text_encoder_2")
+    sae = TopKSAE(SAEConfig(d_in=w1 + w2, num_latents=64, k=8), generator=torch.Generator().manual_seed(1))
+    save_sae(sae, tmp_path)
+    safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=str(tmp_path), module=f"{m1}+{m2}", strength=-2.0)
+    vec = safeguard.api.get_guard(pipe).defenses[0].vector
+    assert vec.shape == (w1 + w2,) and vec[:w1].norm() > 0 and vec[w1:].norm() > 0
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        pipe(prompt="a red star", negative_prompt="blurry", num_inference_steps=1, guidance_scale=5.0,
+             generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+    finally:
+        handle.remove()
+
+    def encode(text, sign):
+        hooks = [
+            layer.register_forward_hook(
+                lambda m, a, o, v=sign * v: (o[0] + v, *o[1:]) if isinstance(o, tuple) else o + v, prepend=True
+            )
+            for layer, v in ((layer1, vec[:w1]), (layer2, vec[w1:]))
+        ]
+        try:
+            with torch.no_grad(), safeguard.disabled(pipe):
+                return pipe.encode_prompt(text, device=pipe.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)[0]  # fmt: skip
+        finally:
+            for h in hooks:
+                h.remove()
+
+    torch.testing.assert_close(
+        seen[0], torch.cat([encode("blurry", -1), encode("a red star", 1)]), atol=1e-6, rtol=1e-6
+    )
+    with pytest.raises(safeguard.InvalidOptionError, match="expects width"):
+        safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=str(tmp_path), module=m1, overwrite=True)
+    safeguard.unwrap(pipe)

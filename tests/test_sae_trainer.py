@@ -81,6 +81,28 @@ def test_text_encoder_rows_are_the_real_tokens(tmp_path, factory, module, layer)
     torch.testing.assert_close(acts, hidden[mask].half().float())
 
 
+def test_sdxl_layers_of_both_encoders_concatenate_per_token(tmp_path):
+    from tiny_pipelines import tiny_sdxl
+
+    pipe = tiny_sdxl(0)
+    names = [
+        f"{enc}." + next(n for n, _ in getattr(pipe, enc).named_modules() if n.endswith(f"layers.{i}"))
+        for enc, i in (("text_encoder", 0), ("text_encoder_2", 1))
+    ]
+    meta = collect_activations(pipe, "+".join(names), PROMPTS, tmp_path, batch_size=3, progress=False)
+    acts, _ = stored(tmp_path)
+    expected = []
+    for enc, tok, layer in ((pipe.text_encoder, pipe.tokenizer, 1), (pipe.text_encoder_2, pipe.tokenizer_2, 2)):
+        t = tok(PROMPTS, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = enc(t.input_ids, output_hidden_states=True).hidden_states[layer]
+        expected.append(hidden[t.attention_mask.bool()])
+    assert meta["d"] == 32 and meta["rows"] == expected[0].shape[0]
+    torch.testing.assert_close(acts, torch.cat(expected, -1).half().float())
+    with pytest.raises(InvalidOptionError, match="only layers of different text encoders"):
+        collect_activations(pipe, names[0] + "+unet.up_blocks.0", PROMPTS, tmp_path / "x", progress=False)
+
+
 def _reference_unet_rows(pipe, prompts, batch_size, steps, guidance, keep):
     """Rows of UNET_MODULE captured by hand: ``keep`` = "cond" / "uncond" / "all" of the batch."""
     rows, calls = [], []

@@ -11,11 +11,14 @@ import torch
 from ..core.errors import InvalidOptionError, MissingWeightsError
 
 
-def sae_and_module(adapter: Any, sae: str | None, default: Path, module: str | None, kind: str) -> tuple[Any, str, Any]:
-    """``(SAE, module name, module)``: the SAE folder (or ``default``) and the pipeline module it reads.
+def sae_and_module(
+    adapter: Any, sae: str | None, default: Path, module: str | None, kind: str
+) -> tuple[Any, str, list[Any]]:
+    """``(SAE, module name, modules)``: the SAE folder (or ``default``) and the pipeline module(s) it reads.
 
     The module comes from ``module`` or from the ``activations_meta.json`` the trainer wrote next
-    to the SAE; ``kind`` ("text" or "denoiser") must match the module's component.
+    to the SAE; ``kind`` ("text" or "denoiser") must match the module's component. Several modules
+    joined by ``+`` (an SAE over layers concatenated per token) give one entry each.
 
     Raises:
         MissingWeightsError: no SAE folder. InvalidOptionError: no module, or not one of the pipeline.
@@ -33,7 +36,10 @@ def sae_and_module(adapter: Any, sae: str | None, default: Path, module: str | N
     name = module or (json.loads(meta.read_text()).get("module") if meta.is_file() else None)
     if name is None:
         raise InvalidOptionError(f"the SAE in {folder} does not record its module; pass module='<dotted path>'.")
-    _, _, found, found_kind = resolve_module(adapter.pipe, name)
-    if found_kind != kind:
-        raise InvalidOptionError(f"module={name!r} is a {found_kind} module; this defense needs a {kind} module.")
+    found = []
+    for part in name.split("+"):
+        _, _, mod, found_kind = resolve_module(adapter.pipe, part.strip())
+        if found_kind != kind:
+            raise InvalidOptionError(f"module={part!r} is a {found_kind} module; this defense needs a {kind} module.")
+        found.append(mod)
     return load_sae(folder, device=adapter.device, dtype=torch.float32), name, found

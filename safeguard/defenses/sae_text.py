@@ -21,7 +21,9 @@ denoising step.
 
 Any text encoder of any supported family can carry the SAE (SD 1.x CLIP, SDXL's either CLIP,
 SD3's CLIPs or T5, FLUX's T5): the defense hooks the encoder that owns the SAE's module. An SAE
-over two layers concatenated (the SDXL preset of Concept Steerers) is not supported yet.
+over layers of two encoders concatenated per token (``module="text_encoder.encoder.layers.10+
+text_encoder_2.encoder.layers.28"``, Concept Steerers' SDXL choice) has its vector split between
+the two layers, each getting its own slice.
 
 Limits: embeddings passed as ``prompt_embeds=`` were made outside the pipeline's encoder, so
 their intermediate layer cannot be steered; such calls run unguarded with a warning.
@@ -99,33 +101,51 @@ class SAETextDefense(Defense):
 
     def _reset_state(self) -> None:
         self.sign = 1.0
-        self.mask: torch.Tensor | None = None
-        self.encodings: list[EncoderCall] = []  # this call's text-encoder calls (the SAE's encoder: with +v)
+        self.masks: dict[str, torch.Tensor | None] = {}  # encoder -> attention mask of its current call
+        self.encodings: list[EncoderCall] = []  # this call's text-encoder calls (the SAE's encoders: with +v)
         self.first_ehs: torch.Tensor | None = None  # the conditioning of the call's first denoiser forward
         self.swapped: dict[tuple[bool, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.warned = False
 
     def _attach(self, adapter: Any) -> None:
         cfg: SAETextConfig = self.config  # type: ignore[assignment]
-        self.sae, module, layer = sae_and_module(adapter, cfg.sae, SHIPPED / "text", cfg.module, "text")
-        self.encoder_name = module.partition(".")[0]
-        encoder = adapter.encoder_by_name(self.encoder_name)
-        self.tokenizer = adapter.tokenizer_for(self.encoder_name)
-        if encoder is None or self.tokenizer is None:
-            raise InvalidOptionError(
-                f"module={module!r} is not inside a text encoder with a tokenizer on {adapter.pipeline_name}."
-            )
+        self.sae, module, layers = sae_and_module(adapter, cfg.sae, SHIPPED / "text", cfg.module, "text")
+        # one or more (encoder, layer) parts; an SAE over several layers reads them concatenated per token
+        self.parts: list[tuple[str, Any, Any, int]] = []  # (encoder name, encoder, layer, width)
+        for name, layer in zip(module.split("+"), layers):
+            enc_name = name.strip().partition(".")[0]
+            encoder, tok = adapter.encoder_by_name(enc_name), adapter.tokenizer_for(enc_name)
+            if encoder is None or tok is None:
+                raise InvalidOptionError(
+                    f"module={name!r} is not inside a text encoder with a tokenizer on {adapter.pipeline_name}."
+                )
+            width = getattr(encoder.config, "hidden_size", None) or getattr(encoder.config, "d_model", None)
+            self.parts.append((enc_name, encoder, layer, int(width)))
+        if len({p[0] for p in self.parts}) != len(self.parts):
+            raise InvalidOptionError(f"module={module!r}: each part must sit in a different text encoder.")
         d = self.sae.cfg.d_in
-        self.encoder, self.layer = encoder, layer
-        self._opposites: dict[tuple, torch.Tensor] = {}  # input -> -v encoding (the empty negative prompt repeats)
-        self.vector = cfg.strength * self._concept_vector(adapter, cfg.text or concept_text(self.concepts), d)
+        if sum(p[3] for p in self.parts) != d:
+            raise InvalidOptionError(
+                f"the SAE expects width {d} but module={module!r} gives {'+'.join(str(p[3]) for p in self.parts)}."
+            )
+        self.owners = {p[0] for p in self.parts}
+        self._opposites: dict[tuple, Any] = {}  # input -> -v encoding (the empty negative prompt repeats)
+        self.vector = cfg.strength * self._concept_vector(adapter, cfg.text or concept_text(self.concepts))
         self.report.details = {
             "module": module,
             "strength": cfg.strength,
             "vector_norm": round(float(self.vector.norm()), 4),
         }
-        self.hooks.forward_pre_hook(encoder, "mask", self.timed(self._on_encoder_pre))
-        self.hooks.forward_hook(layer, "steer", self._on_layer)  # also runs (bypassed monitor) in the second pass
+        start = 0
+        for enc_name, encoder, layer, width in self.parts:
+            self.hooks.forward_pre_hook(encoder, f"mask_{enc_name}", self.timed(self._on_encoder_pre(enc_name)))
+            # The steering hook also runs (monitor bypassed) in the second pass. It goes first among the
+            # layer's hooks: transformers 5 records ``hidden_states`` (which SDXL and SD3 read) with a forward
+            # hook of its own, installed at the first call; placed after it, the edit would miss them.
+            self.hooks.forward_hook(
+                layer, f"steer_{enc_name}", self._on_layer(enc_name, slice(start, start + width)), prepend=True
+            )
+            start += width
         # every text encoder's calls are recorded: placing this encoder's slice in a row needs the others
         pooled_names = adapter.pooled_layout[1] if adapter.pooled_layout is not None else ()
         for name in dict.fromkeys([*(n for group in adapter.text_layout for n in group), *pooled_names]):
@@ -134,47 +154,59 @@ class SAETextDefense(Defense):
         self.hooks.forward_pre_hook(adapter.denoiser, "swap_negative", self.timed(self._on_denoise))
 
     @torch.no_grad()
-    def _concept_vector(self, adapter: Any, text: str, d: int) -> torch.Tensor:
-        tok = self.tokenizer
-        enc = tok([text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        captured: list[torch.Tensor] = []
-        handle = self.layer.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
-        try:
-            with bypassing(self.monitor):
-                kwargs = {}
-                if (
-                    getattr(self.encoder.config, "use_attention_mask", False)
-                    or "bert" in type(self.encoder).__name__.lower()
-                ):
-                    kwargs["attention_mask"] = enc["attention_mask"].to(adapter.device)
-                self.encoder(enc["input_ids"].to(adapter.device), **kwargs)
-        finally:
-            handle.remove()
-        h = captured[0][0].float()
-        ids = enc["input_ids"][0]
-        special = torch.tensor(
-            tok.get_special_tokens_mask(ids.tolist(), already_has_special_tokens=True), dtype=torch.bool
-        )
-        keep = enc["attention_mask"][0].bool() & ~special
-        codes = self.sae.encode_dense(h[keep.to(h.device)], topk=False).mean(0)
-        if h.shape[-1] != d:
-            raise InvalidOptionError(f"the SAE expects width {d} but the layer outputs {h.shape[-1]}.")
+    def _concept_vector(self, adapter: Any, text: str) -> torch.Tensor:
+        """``decode(mean dense code)`` of the concept text's real tokens, the parts' states concatenated."""
+        states, keeps = [], []
+        for enc_name, encoder, layer, _ in self.parts:
+            tok = adapter.tokenizer_for(enc_name)
+            enc = tok(
+                [text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            )
+            captured: list[torch.Tensor] = []
+            handle = layer.register_forward_hook(lambda m, a, o, into=captured: into.append(hidden_of(o)))
+            try:
+                with bypassing(self.monitor):
+                    kwargs = {}
+                    if getattr(encoder.config, "use_attention_mask", False) or "bert" in type(encoder).__name__.lower():
+                        kwargs["attention_mask"] = enc["attention_mask"].to(adapter.device)
+                    encoder(enc["input_ids"].to(adapter.device), **kwargs)
+            finally:
+                handle.remove()
+            ids = enc["input_ids"][0]
+            special = torch.tensor(
+                tok.get_special_tokens_mask(ids.tolist(), already_has_special_tokens=True), dtype=torch.bool
+            )
+            keep = enc["attention_mask"][0].bool() & ~special
+            states.append(captured[0][0].float()[keep.to(captured[0].device)])
+            keeps.append(int(keep.sum()))
+        if len(set(keeps)) != 1:
+            raise InvalidOptionError(
+                f"the concept text {text!r} has {keeps} real tokens under the parts' tokenizers; an SAE over "
+                "concatenated layers needs tokenizers that split text alike (as SDXL's two CLIP tokenizers do)."
+            )
+        codes = self.sae.encode_dense(torch.cat(states, -1), topk=False).mean(0)
         return (codes @ self.sae.W_dec.float()).detach()
 
     # ------------------------------------------------------------------ hooks
-    def _on_encoder_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        self.mask = mask if isinstance(mask, torch.Tensor) else None
-        return None
+    def _on_encoder_pre(self, enc_name: str):
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            mask = kwargs.get("attention_mask")
+            self.masks[enc_name] = mask if isinstance(mask, torch.Tensor) else None
 
-    def _on_layer(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-        m = self.monitor
-        if m is None or not m.enabled or (m.bypass and self.sign > 0):
-            return None  # concept encoding, or safeguard.disabled()
-        h = hidden_of(output)
-        vec = (self.sign * self.vector).to(h.device, h.dtype)
-        gate = self.mask.to(h.dtype).unsqueeze(-1) if self.mask is not None and self.mask.shape == h.shape[:2] else None
-        return replace_hidden(output, h + (vec if gate is None else gate * vec))
+        return hook
+
+    def _on_layer(self, enc_name: str, part: slice):
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+            m = self.monitor
+            if m is None or not m.enabled or (m.bypass and self.sign > 0):
+                return None  # concept encoding, or safeguard.disabled()
+            h = hidden_of(output)
+            vec = (self.sign * self.vector[part]).to(h.device, h.dtype)
+            mask = self.masks.get(enc_name)
+            gate = mask.to(h.dtype).unsqueeze(-1) if mask is not None and mask.shape == h.shape[:2] else None
+            return replace_hidden(output, h + (vec if gate is None else gate * vec))
+
+        return hook
 
     def _on_encoder(self, name: str):
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -185,12 +217,12 @@ class SAETextDefense(Defense):
     def _opposite(self, call: EncoderCall) -> Any:
         """The encoder's output for the same input with ``-strength * v`` (cached by input)."""
         parts = [t for t in (*call.args, *call.kwargs.values()) if isinstance(t, torch.Tensor)]
-        key = (tuple((tuple(t.shape), t.cpu().numpy().tobytes()) for t in parts), tuple(sorted(call.kwargs)))
+        key = (call.name, tuple((tuple(t.shape), t.cpu().numpy().tobytes()) for t in parts), tuple(sorted(call.kwargs)))
         if key not in self._opposites:
             self.sign = -1.0
             try:
                 with bypassing(self.monitor), torch.no_grad():
-                    again = self.encoder(*call.args, **call.kwargs)
+                    again = self.adapter.encoder_by_name(call.name)(*call.args, **call.kwargs)
             finally:
                 self.sign = 1.0
             if len(self._opposites) >= 64:
@@ -212,7 +244,7 @@ class SAETextDefense(Defense):
         ehs = kwargs.get("encoder_hidden_states")
         if not isinstance(ehs, torch.Tensor):
             return None
-        if not any(c.name == self.encoder_name for c in self.encodings):
+        if not any(c.name in self.owners for c in self.encodings):
             if not self.warned:
                 warnings.warn(
                     "sae_text: this call passed prompt_embeds made outside the pipeline's text encoder; the SAE's "
@@ -236,7 +268,7 @@ class SAETextDefense(Defense):
             if (separate, r) not in self.swapped:  # once per call: this row's slices from the SAE's encoder, at -v
                 e_row, p_row = ehs[r].clone(), None if pooled is None else pooled[r].clone()
                 for s in match_row(self.adapter, self.encodings, ehs[r], None if pooled is None else pooled[r]):
-                    if s.name != self.encoder_name:
+                    if s.name not in self.owners:
                         continue
                     value = s.source(self._opposite(s.call))
                     if s.pooled and p_row is not None:

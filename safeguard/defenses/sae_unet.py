@@ -32,6 +32,7 @@ import torch
 
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
+from ..core.errors import InvalidOptionError
 from ..core.monitor import bypassing
 from ..core.registry import register_defense
 from ..steering.ops import hidden_of, replace_hidden
@@ -127,7 +128,10 @@ class SAEUNetDefense(Defense):
 
     def _attach(self, adapter: Any) -> None:
         cfg: SAEUNetConfig = self.config  # type: ignore[assignment]
-        self.sae, module, block = sae_and_module(adapter, cfg.sae, SHIPPED, cfg.module, "denoiser")
+        self.sae, module, blocks = sae_and_module(adapter, cfg.sae, SHIPPED, cfg.module, "denoiser")
+        if len(blocks) != 1:
+            raise InvalidOptionError(f"module={module!r}: sae_unet reads one denoiser block, not several.")
+        block = blocks[0]
         self.block = block
         self._score(adapter, cfg)
         self.report.details = {"module": module, "multiplier": cfg.multiplier, "features_per_step": self.counts}

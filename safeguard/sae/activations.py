@@ -11,7 +11,9 @@ runs the pipeline on a list of prompts and writes the hooked output as rows ``[n
   only when its config says ``use_attention_mask`` (as diffusers does). Rows are selected with the
   tokenizer's attention mask, so padding is skipped; for CLIP that keeps BOS, the words and the
   first EOS (the EOS copies used as padding by SD 1.x are dropped). A module whose output is
-  ``[batch, hidden]`` (a pooled output) gives one row per prompt.
+  ``[batch, hidden]`` (a pooled output) gives one row per prompt. Layers of several text encoders
+  joined by ``+`` (``text_encoder.encoder.layers.10+text_encoder_2.encoder.layers.28``, Concept
+  Steerers' SDXL choice) are concatenated per token, which needs tokenizers that split alike.
 - **denoiser modules** (component ``unet`` or ``transformer``): the pipeline runs normally with
   ``output_type="latent"`` (no VAE decoding) and the hook fires at every denoiser call. An output
   ``[B, C, H, W]`` gives one row per spatial position (``[H*W, C]`` per image, row-major), an output
@@ -325,6 +327,26 @@ def _tokenize(tokenizer: Any, prompts: list[str]) -> Any:
     return tokenizer(prompts, padding="longest", return_tensors="pt")
 
 
+def _text_part_rows(pipe: Any, part: tuple, batch: list[str], text_rows: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One text module's rows for a batch (real tokens only) and the tokenizer's mask."""
+    component, root, module, _ = part
+    tokenizer = getattr(pipe, "tokenizer" + component[len("text_encoder") :], None)
+    if tokenizer is None:
+        raise InvalidOptionError(f"pipeline has no tokenizer for {component!r}.")
+    use_mask = bool(getattr(getattr(root, "config", None), "use_attention_mask", False))
+    tok = _tokenize(tokenizer, batch)
+    mask = tok.attention_mask.bool() if "attention_mask" in tok else torch.ones_like(tok.input_ids, dtype=bool)
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _a, o: captured.append(_first_tensor(o, component)))
+    device = next(root.parameters()).device
+    try:
+        with torch.no_grad():
+            root(tok.input_ids.to(device), attention_mask=mask.long().to(device) if use_mask else None)
+    finally:
+        handle.remove()
+    return text_rows(component, captured[0], mask).cpu(), mask
+
+
 def collect_activations(
     pipe: Any,
     module_name: str,
@@ -379,7 +401,13 @@ def collect_activations(
     _positive("batch_size", batch_size)
     if max_rows is not None:
         _positive("max_rows", max_rows)
-    component, root, module, kind = resolve_module(pipe, module_name)
+    parts = [resolve_module(pipe, part.strip()) for part in module_name.split("+")]
+    component, root, module, kind = parts[0]
+    if len(parts) > 1 and (any(p[3] != "text" for p in parts) or len({p[0] for p in parts}) != len(parts)):
+        raise InvalidOptionError(
+            f"module {module_name!r}: only layers of different text encoders can be concatenated with '+' "
+            "(e.g. SDXL's 'text_encoder.encoder.layers.10+text_encoder_2.encoder.layers.28')."
+        )
     if model is None:
         model = str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or type(pipe).__name__)
     settings = {
@@ -424,21 +452,15 @@ def collect_activations(
     writer = _ChunkWriter(folder, chunk_rows, dtype, max_rows)
     state: dict[str, Any] = {"n": 0, "mask": None, "call": -1, "timesteps": []}
 
-    def text_hook(_mod: nn.Module, _args: Any, output: Any) -> None:
-        h = _first_tensor(output, module_name)
-        mask = state["mask"]
+    def text_rows(part_name: str, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if h.ndim == 3 and tuple(h.shape[:2]) == tuple(mask.shape):
-            rows = h[mask.to(h.device)]
-        elif h.ndim == 2 and h.shape[0] == mask.shape[0]:
-            rows = h
-        else:
-            raise InvalidOptionError(
-                f"module {module_name!r} output has shape {list(h.shape)}; expected [batch, tokens, hidden] with "
-                f"batch, tokens = {list(mask.shape)} (or a pooled [batch, hidden])."
-            )
-        writer.add(rows)
-        if writer.full:
-            raise _Full
+            return h[mask.to(h.device)]
+        if h.ndim == 2 and h.shape[0] == mask.shape[0]:
+            return h
+        raise InvalidOptionError(
+            f"module {part_name!r} output has shape {list(h.shape)}; expected [batch, tokens, hidden] with "
+            f"batch, tokens = {list(mask.shape)} (or a pooled [batch, hidden])."
+        )
 
     def denoiser_pre_hook(_mod: nn.Module, args: Any, kwargs: Any) -> None:
         state["call"] += 1
@@ -475,25 +497,19 @@ def collect_activations(
     bar = tqdm(total=len(prompts), desc=f"collect {module_name}", unit="prompt", disable=not progress)
     try:
         if kind == "text":
-            tokenizer = getattr(pipe, "tokenizer" + component[len("text_encoder") :], None)
-            if tokenizer is None:
-                raise InvalidOptionError(f"pipeline has no tokenizer for {component!r}.")
-            use_mask = bool(getattr(getattr(root, "config", None), "use_attention_mask", False))
-            handles.append(module.register_forward_hook(text_hook))
-            device = next(root.parameters()).device
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
-                tok = _tokenize(tokenizer, batch)
-                mask = (
-                    tok.attention_mask.bool() if "attention_mask" in tok else torch.ones_like(tok.input_ids, dtype=bool)
-                )
-                state["mask"] = mask
-                try:
-                    with torch.no_grad():
-                        root(tok.input_ids.to(device), attention_mask=mask.long().to(device) if use_mask else None)
-                except _Full:
-                    break
+                per_part = [_text_part_rows(pipe, p, batch, text_rows) for p in parts]
+                counts = {tuple(int(m.sum()) for m in mask) for _, mask in per_part}
+                if len(counts) != 1:
+                    raise InvalidOptionError(
+                        f"module {module_name!r}: the parts' tokenizers split the prompts differently {sorted(counts)}; "
+                        "concatenated layers need tokenizers that agree (as SDXL's two CLIP tokenizers do)."
+                    )
+                writer.add(torch.cat([rows for rows, _ in per_part], -1))
                 bar.update(len(batch))
+                if writer.full:
+                    break
         else:
             handles.append(root.register_forward_pre_hook(denoiser_pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(denoiser_hook))
