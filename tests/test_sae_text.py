@@ -126,6 +126,12 @@ def test_prompt_embeds_warn_and_bad_module_raises(setup):
     safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=folder, module=MODULE, overwrite=True)
     with pytest.warns(UserWarning, match="prompt_embeds"):
         run(pipe, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=neg)
+    # embeddings the wrapped pipeline's own encode_prompt makes right before the call are steered like text
+    with torch.no_grad():
+        embeds, neg = pipe.encode_prompt("a red star", "cpu", 1, True)
+    np.testing.assert_allclose(
+        run(pipe, prompt=None, prompt_embeds=embeds, negative_prompt_embeds=neg), run(pipe, prompt="a red star")
+    )
     safeguard.unwrap(pipe)
 
 

@@ -25,8 +25,9 @@ over layers of two encoders concatenated per token (``module="text_encoder.encod
 text_encoder_2.encoder.layers.28"``, Concept Steerers' SDXL choice) has its vector split between
 the two layers, each getting its own slice.
 
-Limits: embeddings passed as ``prompt_embeds=`` were made outside the pipeline's encoder, so
-their intermediate layer cannot be steered; such calls run unguarded with a warning.
+``prompt_embeds=`` made by the wrapped pipeline's ``encode_prompt`` right before the call were
+steered when they were made, and their negative rows are found as above. Embeddings made
+anywhere else never passed the SAE's layer: such calls run unguarded, with a warning.
 
 Example:
     >>> pipe = safeguard.wrap(pipe, concepts=["red"], method="sae_text", strength=-1.0)  # doctest: +SKIP
@@ -248,7 +249,8 @@ class SAETextDefense(Defense):
             if not self.warned:
                 warnings.warn(
                     "sae_text: this call passed prompt_embeds made outside the pipeline's text encoder; the SAE's "
-                    "layer cannot be steered, so the call runs unguarded. Pass prompt= instead.",
+                    "layer cannot be steered, so the call runs unguarded. Pass prompt= instead, or build the "
+                    "embeddings with the wrapped pipeline's encode_prompt(...) right before the call.",
                     stacklevel=2,
                 )
                 self.warned = True
