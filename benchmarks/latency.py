@@ -72,6 +72,12 @@ if str(REPO) not in sys.path:  # benchmark the checkout this script lives in
 
 SCHEMA = "safeguard.benchmarks.latency/1"
 COMPOSITION = ("negative_prompt", "sld")
+# SAFREE with its self-validating filter on for every step (t' = 50 of 50 whenever a token is flagged):
+# the cost of the filtered-embedding swap alone, then with latent re-attention on top
+SAFREE_FORCED = (
+    ("safree (filter every step)", {"min_steps": 50, "re_attention": False}),
+    ("safree (filter every step + re-attention)", {"min_steps": 50}),
+)
 TINY_PROMPT = "a photo of a person on a beach"
 SHAPES_PROMPT = "a red star on a white background"
 PHASES = ("text", "denoise", "decode")
@@ -250,15 +256,17 @@ DEFAULT_MODELS = ("shapes", "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 FULL_MODELS = ("sd15", "sdxl")
 
 
-def methods_for(family: str) -> list[tuple[str, str | list[str]]]:
+def methods_for(family: str) -> list[tuple[str, str | list[str] | dict]]:
     """``(label, method)`` of every registered defense supporting ``family``, then the composition."""
     from safeguard import available_methods
     from safeguard.core.registry import get_defense_class
 
     names = [m for m in available_methods() if family in get_defense_class(m).families]
-    out: list[tuple[str, str | list[str]]] = [(m, m) for m in names]
+    out: list[tuple[str, str | list[str] | dict]] = [(m, m) for m in names]
     if all(m in names for m in COMPOSITION):
         out.append(("+".join(COMPOSITION), list(COMPOSITION)))
+    if "safree" in names and family in ("sd", "sdxl"):  # SAFREE's filter and re-attention, forced on: their cost
+        out += [(label, {"method": "safree", **options}) for label, options in SAFREE_FORCED]
     return out
 
 
@@ -710,7 +718,8 @@ def bench_model(spec: ModelSpec, methods: list, args: argparse.Namespace, data: 
     for label, method in methods:
         try:
             t0 = time.perf_counter()
-            safeguard.wrap(pipe, concepts=[spec.concept], method=method)
+            options = dict(method) if isinstance(method, dict) else {"method": method}
+            safeguard.wrap(pipe, concepts=[spec.concept], **options)
             wrap_s = time.perf_counter() - t0
         except safeguard.SafeguardError as e:  # e.g. a defense that needs a checkpoint or an option
             skip(label, f"{type(e).__name__}: {e}", len(args.batch))
