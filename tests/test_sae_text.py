@@ -256,3 +256,44 @@ def test_sdxl_sae_over_both_encoders_splits_the_vector_between_their_layers(tmp_
     with pytest.raises(safeguard.InvalidOptionError, match="expects width"):
         safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=str(tmp_path), module=m1, overwrite=True)
     safeguard.unwrap(pipe)
+
+
+def test_gate_steers_only_prompts_whose_tokens_match_the_concept(setup):
+    pipe, folder = setup
+    prompts = ["a red star on a white background", "two blue squares"]
+
+    def conditioning(**options):
+        seen = []
+        handle = pipe.unet.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True
+        )
+        try:
+            images = run(pipe, prompt=prompts)
+        finally:
+            handle.remove()
+        return seen[0], images
+
+    kw = dict(concepts=["red"], method="sae_text", sae=folder, module=MODULE, strength=-2.0, overwrite=True)
+    safeguard.wrap(pipe, **kw)
+    with safeguard.disabled(pipe):
+        plain, plain_images = conditioning()
+    ungated, ungated_images = conditioning()
+    safeguard.wrap(pipe, gate=-1.0, **kw)  # every prompt passes: exactly the ungated defense
+    everything, everything_images = conditioning()
+    assert torch.equal(everything, ungated) and np.array_equal(everything_images, ungated_images)
+    assert safeguard.last_report(pipe).defenses[0].details["steered_prompts"] == [True, True]
+    scores = safeguard.api.get_guard(pipe).defenses[0].concept_scores(prompts)
+    assert scores[0] != scores[1]
+    first = int(scores[1] > scores[0])  # the prompt that scores higher is the one steered
+    safeguard.wrap(pipe, gate=float(scores.mean()), **kw)
+    mixed, _ = conditioning()
+    assert safeguard.last_report(pipe).defenses[0].details["steered_prompts"] == [i == first for i in range(2)]
+    # rows: [negative 0, negative 1, prompt 0, prompt 1]; the other prompt and its negative are left alone
+    for r in range(4):
+        steered = r % 2 == first
+        assert torch.equal(mixed[r], ungated[r] if steered else plain[r])
+    safeguard.wrap(pipe, gate=1.0, **kw)  # nothing reaches cosine 1: the unguarded images
+    assert np.array_equal(conditioning()[1], plain_images)
+    with pytest.raises(safeguard.InvalidOptionError, match="gate"):
+        safeguard.wrap(pipe, gate=1.5, **kw)
+    safeguard.unwrap(pipe)

@@ -72,6 +72,11 @@ class SAETextConfig(DefenseConfig):
             (e.g. ``"text_encoder.text_model.encoder.layers.9"``); default: recorded with the SAE.
         negative: add the opposite vector to the negative prompt under guidance.
         text: text to encode for the concept instead of its phrases joined with ', '.
+        gate: steer only prompts that carry the concept: a prompt (and its negative row) is steered
+            when the dense SAE code of one of its real tokens has cosine >= ``gate`` with the concept's
+            code. None (default) steers every prompt, as Concept Steerers does. Not a paper option:
+            calibrate it on captions of your own domain (``scripts/calibrate_sae_gate.py`` does so
+            for ShapesWorld). Single-layer SAEs only.
     """
 
     defense = "sae_text"
@@ -81,9 +86,12 @@ class SAETextConfig(DefenseConfig):
     module: str | None = None
     negative: bool = True
     text: str | None = None
+    gate: float | None = None
 
     def validate(self) -> None:
         self._check_number("strength", -100.0, 100.0)
+        if self.gate is not None:
+            self._check_number("gate", -1.0, 1.0)
         self._check_optional_text("sae")
         self._check_optional_text("module")
         self._check_optional_text("text")
@@ -103,9 +111,12 @@ class SAETextDefense(Defense):
     def _reset_state(self) -> None:
         self.sign = 1.0
         self.masks: dict[str, torch.Tensor | None] = {}  # encoder -> attention mask of its current call
+        self.ids: dict[str, torch.Tensor | None] = {}  # encoder -> input ids of its current call
+        self.row_gate: dict[str, torch.Tensor] = {}  # encoder -> rows of its current call that were steered
+        self.call_gates: dict[int, torch.Tensor] = {}  # id(EncoderCall) -> its steered rows
         self.encodings: list[EncoderCall] = []  # this call's text-encoder calls (the SAE's encoders: with +v)
         self.first_ehs: torch.Tensor | None = None  # the conditioning of the call's first denoiser forward
-        self.swapped: dict[tuple[bool, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.swapped: dict[tuple[bool, int], tuple[torch.Tensor, torch.Tensor | None] | None] = {}
         self.warned = False
 
     def _attach(self, adapter: Any) -> None:
@@ -130,6 +141,8 @@ class SAETextDefense(Defense):
                 f"the SAE expects width {d} but module={module!r} gives {'+'.join(str(p[3]) for p in self.parts)}."
             )
         self.owners = {p[0] for p in self.parts}
+        if cfg.gate is not None and len(self.parts) != 1:
+            raise InvalidOptionError(f"gate={cfg.gate!r} works with single-layer SAEs; module={module!r} has several.")
         self._opposites: dict[tuple, Any] = {}  # input -> -v encoding (the empty negative prompt repeats)
         self.vector = cfg.strength * self._concept_vector(adapter, cfg.text or concept_text(self.concepts))
         self.report.details = {
@@ -155,30 +168,35 @@ class SAETextDefense(Defense):
         self.hooks.forward_pre_hook(adapter.denoiser, "swap_negative", self.timed(self._on_denoise))
 
     @torch.no_grad()
+    def _layer_states(self, enc_name: str, encoder: Any, layer: Any, texts: list[str]) -> tuple[torch.Tensor, Any]:
+        """``(states at the SAE's layer, tokenizer output)`` for ``texts``, encoded as the pipeline would."""
+        tok = self.adapter.tokenizer_for(enc_name)
+        enc = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        captured: list[torch.Tensor] = []
+        handle = layer.register_forward_hook(lambda m, a, o: captured.append(hidden_of(o)))
+        try:
+            with bypassing(self.monitor):
+                kwargs = {}
+                if getattr(encoder.config, "use_attention_mask", False) or "bert" in type(encoder).__name__.lower():
+                    kwargs["attention_mask"] = enc["attention_mask"].to(self.adapter.device)
+                encoder(enc["input_ids"].to(self.adapter.device), **kwargs)
+        finally:
+            handle.remove()
+        return captured[0], enc
+
+    @torch.no_grad()
     def _concept_vector(self, adapter: Any, text: str) -> torch.Tensor:
         """``decode(mean dense code)`` of the concept text's real tokens, the parts' states concatenated."""
         states, keeps = [], []
         for enc_name, encoder, layer, _ in self.parts:
+            h, enc = self._layer_states(enc_name, encoder, layer, [text])
             tok = adapter.tokenizer_for(enc_name)
-            enc = tok(
-                [text], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-            )
-            captured: list[torch.Tensor] = []
-            handle = layer.register_forward_hook(lambda m, a, o, into=captured: into.append(hidden_of(o)))
-            try:
-                with bypassing(self.monitor):
-                    kwargs = {}
-                    if getattr(encoder.config, "use_attention_mask", False) or "bert" in type(encoder).__name__.lower():
-                        kwargs["attention_mask"] = enc["attention_mask"].to(adapter.device)
-                    encoder(enc["input_ids"].to(adapter.device), **kwargs)
-            finally:
-                handle.remove()
             ids = enc["input_ids"][0]
             special = torch.tensor(
                 tok.get_special_tokens_mask(ids.tolist(), already_has_special_tokens=True), dtype=torch.bool
             )
             keep = enc["attention_mask"][0].bool() & ~special
-            states.append(captured[0][0].float()[keep.to(captured[0].device)])
+            states.append(h[0].float()[keep.to(h.device)])
             keeps.append(int(keep.sum()))
         if len(set(keeps)) != 1:
             raise InvalidOptionError(
@@ -186,6 +204,7 @@ class SAETextDefense(Defense):
                 "concatenated layers needs tokenizers that split text alike (as SDXL's two CLIP tokenizers do)."
             )
         codes = self.sae.encode_dense(torch.cat(states, -1), topk=False).mean(0)
+        self.concept_code = codes.detach()
         return (codes @ self.sae.W_dec.float()).detach()
 
     # ------------------------------------------------------------------ hooks
@@ -193,6 +212,8 @@ class SAETextDefense(Defense):
         def hook(module: Any, args: tuple, kwargs: dict) -> None:
             mask = kwargs.get("attention_mask")
             self.masks[enc_name] = mask if isinstance(mask, torch.Tensor) else None
+            ids = args[0] if args else kwargs.get("input_ids")
+            self.ids[enc_name] = ids if isinstance(ids, torch.Tensor) else None
 
         return hook
 
@@ -205,13 +226,51 @@ class SAETextDefense(Defense):
             vec = (self.sign * self.vector[part]).to(h.device, h.dtype)
             mask = self.masks.get(enc_name)
             gate = mask.to(h.dtype).unsqueeze(-1) if mask is not None and mask.shape == h.shape[:2] else None
-            return replace_hidden(output, h + (vec if gate is None else gate * vec))
+            gate = gate if gate is not None else torch.ones((*h.shape[:2], 1), dtype=h.dtype, device=h.device)
+            if self.config.gate is not None and self.sign > 0:  # the second pass (-v) serves gated rows only
+                on = self._concept_rows(enc_name, h)
+                self.row_gate[enc_name] = on
+                gate = gate * on.to(h.dtype)[:, None, None]
+            return replace_hidden(output, h + gate * vec)
 
         return hook
 
+    @torch.no_grad()
+    def concept_scores(self, texts: list[str]) -> torch.Tensor:
+        """The gate's score of each text: the largest cosine between a real token's dense SAE code and
+        the concept's code (single-layer SAEs). Texts scoring ``>= gate`` are steered.
+
+        Example:
+            >>> defense.concept_scores(["a red star", "a blue circle"])  # doctest: +SKIP
+            tensor([0.4400, 0.2000])
+        """
+        enc_name, encoder, layer, _ = self.parts[0]
+        h, enc = self._layer_states(enc_name, encoder, layer, texts)
+        self.masks[enc_name], self.ids[enc_name] = enc["attention_mask"], enc["input_ids"]
+        return self._scores(enc_name, h).cpu()
+
+    def _concept_rows(self, enc_name: str, h: torch.Tensor) -> torch.Tensor:
+        """Rows of a layer output with a real token whose dense SAE code is close to the concept's."""
+        return (self._scores(enc_name, h) >= self.config.gate).cpu()
+
+    def _scores(self, enc_name: str, h: torch.Tensor) -> torch.Tensor:
+        codes = self.sae.encode_dense(h.float(), topk=False)
+        cos = torch.nn.functional.cosine_similarity(codes, self.concept_code.to(codes.device)[None, None], dim=-1)
+        real = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        mask, ids = self.masks.get(enc_name), self.ids.get(enc_name)
+        if mask is not None and mask.shape == real.shape:
+            real &= mask.bool().to(h.device)
+        if ids is not None and ids.shape == real.shape:
+            special = torch.tensor(self.adapter.tokenizer_for(enc_name).all_special_ids, device=ids.device)
+            real &= ~torch.isin(ids, special).to(h.device)
+        return cos.masked_fill(~real, -2.0).amax(-1)
+
     def _on_encoder(self, name: str):
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            self.encodings.append(EncoderCall(name, output, args, kwargs))
+            call = EncoderCall(name, output, args, kwargs)
+            self.encodings.append(call)
+            if name in self.row_gate:
+                self.call_gates[id(call)] = self.row_gate.pop(name)
 
         return hook
 
@@ -241,6 +300,23 @@ class SAETextDefense(Defense):
             return False, range(0)
         return True, range(ehs.shape[0])
 
+    def _prompt_steered(self, ehs: torch.Tensor, r: int, separate: bool) -> bool:
+        """Whether the prompt row paired with negative row ``r`` was steered (always, without a gate)."""
+        if self.config.gate is None:
+            return True
+        if separate:
+            row = self.first_ehs[r] if self.first_ehs is not None and r < self.first_ehs.shape[0] else None
+        else:
+            row = ehs[r + ehs.shape[0] // 2]
+        return row is not None and self._row_gate_of(row)
+
+    def _row_gate_of(self, row: torch.Tensor) -> bool:
+        """Whether the encoding behind this denoiser row was steered by the gate."""
+        for s in match_row(self.adapter, self.encodings, row):
+            if s.name in self.owners and id(s.call) in self.call_gates:
+                return bool(self.call_gates[id(s.call)][s.row])
+        return False
+
     def _on_denoise(self, module: Any, args: tuple, kwargs: dict) -> Any:
         ehs = kwargs.get("encoder_hidden_states")
         if not isinstance(ehs, torch.Tensor):
@@ -256,6 +332,9 @@ class SAETextDefense(Defense):
                 self.warned = True
             return None
         self.mark_step()
+        if self.config.gate is not None and "steered_prompts" not in self.report.details:
+            prompt = prompt_rows(self.adapter, ehs.shape[0])[1]
+            self.report.details["steered_prompts"] = [self._row_gate_of(ehs[r]) for r in prompt]
         if not self.config.negative:
             return None
         separate, rows = self._negative_rows(ehs)
@@ -267,6 +346,10 @@ class SAETextDefense(Defense):
         new_ehs, new_pooled = ehs.clone(), None if pooled is None else pooled.clone()
         changed = False
         for r in rows:
+            if (separate, r) not in self.swapped and not self._prompt_steered(ehs, r, separate):
+                self.swapped[(separate, r)] = None  # its prompt was not steered: nor is it
+            if self.swapped.get((separate, r), ()) is None:
+                continue
             if (separate, r) not in self.swapped:  # once per call: this row's slices from the SAE's encoder, at -v
                 e_row, p_row = ehs[r].clone(), None if pooled is None else pooled[r].clone()
                 for s in match_row(self.adapter, self.encodings, ehs[r], None if pooled is None else pooled[r]):

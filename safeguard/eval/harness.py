@@ -178,7 +178,8 @@ def run_eval(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"{concept}_{label or 'default'}"
+        # options in the name, so a variant never overwrites the defaults' results
+        stem = f"{concept}_{label or 'default'}" + "".join(f"_{k}-{v}" for k, v in (options or {}).items())
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
         save_grid(samples, plain, guarded, out / f"{stem}.png")
         result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
