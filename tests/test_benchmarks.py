@@ -45,6 +45,8 @@ def expected_defenses(family: str) -> list[str]:
     names = [m for m in safeguard.available_methods() if family in get_defense_class(m).families]
     if {"negative_prompt", "sld"} <= set(names):
         names.append("negative_prompt+sld")
+    if "safree" in names and family in ("sd", "sdxl"):  # its filter forced on, without and with re-attention
+        names += ["safree (filter every step)", "safree (filter every step + re-attention)"]
     return names
 
 
@@ -90,7 +92,8 @@ def test_quick_run_writes_json_with_schema(quick_run):
     for case in data["cases"]:
         assert case["family"] == TINY[case["model"]] and case["concept"] == "nudity" and case["steps"] == 2
         assert len(case["image_size"]) == 2 and is_number(case["wrap_s"])
-        names = case["defense"].split("+")
+        method = case["method"]  # a name, a composition list, or wrap options (the forced SAFREE rows)
+        names = [method["method"]] if isinstance(method, dict) else method if isinstance(method, list) else [method]
         assert len(case["reps"]) == 2 and [r["first"] for r in case["reps"]] == ["unguarded", "guarded"]
         for rep in case["reps"]:
             assert is_number(rep["ratio"])
