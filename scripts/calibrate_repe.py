@@ -6,6 +6,12 @@ of ``safeguard/data/llm``; the test split is never read) and for the ``violence`
 Seeded and deterministic on CPU; about 5 minutes on 2 cores.
 
     python scripts/calibrate_repe.py [--concepts harmful violence] [--method mean_diff]
+
+Experiments (``harmful`` only; write them elsewhere with ``--out``, never over the shipped folder):
+``--extra-data`` adds the 240 extra training pairs to the condition direction's training data and
+``--lda-shrinkage`` changes its shrinkage, e.g.
+
+    python scripts/calibrate_repe.py --concepts harmful --extra-data --out /tmp/repe-extra
 """
 
 from __future__ import annotations
@@ -14,19 +20,23 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.concepts import resolve_concepts
 from safeguard.models import smollm2
-from safeguard.steering.build import SHIPPED_DIR, read_vectors
+from safeguard.steering.build import LDA_SHRINKAGE, SHIPPED_DIR, read_vectors
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concepts", nargs="+", default=["harmful", "violence"])
     ap.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"])
+    ap.add_argument("--out", default=str(SHIPPED_DIR), help="folder for <concept>-<method>/ (default: shipped)")
+    ap.add_argument("--extra-data", action="store_true", help="harmful: extra training pairs for the condition")
+    ap.add_argument("--lda-shrinkage", type=float, default=LDA_SHRINKAGE, help="harmful: condition LDA shrinkage")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -34,9 +44,16 @@ def main() -> None:
     adapter = CausalLMAdapter(model, tok)
     for concept in resolve_concepts(args.concepts):
         t0 = time.perf_counter()
-        vecs = read_vectors(adapter, concept, method=args.method, progress=True)
+        vecs = read_vectors(
+            adapter,
+            concept,
+            method=args.method,
+            progress=True,
+            extra_data=args.extra_data,
+            lda_shrinkage=args.lda_shrinkage,
+        )
         vecs.meta["reading_seconds"] = round(time.perf_counter() - t0, 1)
-        folder = vecs.save(SHIPPED_DIR / f"{concept.name}-{args.method}")
+        folder = vecs.save(Path(args.out) / f"{concept.name}-{args.method}")
         cal = {k: v for k, v in vecs.calibration.items() if not k.endswith("_table")}
         logging.info("%s: %s (%.0f s) -> %s", concept.name, json.dumps(cal), vecs.meta["reading_seconds"], folder)
 

@@ -280,6 +280,22 @@ def test_data_splits_are_disjoint_and_big_enough():
     assert not set(train_t) & set(test_t)  # held-out templates
 
 
+def test_extra_pairs_are_training_only():
+    from safeguard.core.errors import InvalidOptionError
+    from safeguard.steering import data
+
+    extra = data.extra_pairs()
+    assert len(extra) == 240 and {p["category"] for p in extra} == {p["category"] for p in data.harmful_pairs("test")}
+    assert all(sum(p["category"] == c for p in extra) == 30 for c in {p["category"] for p in extra})
+    train = data.harmful_pairs("train", extra=True)
+    assert train[:104] == data.harmful_pairs("train") and train[104:] == extra
+    assert len({p["id"] for p in train}) == 344 and all("-x" in p["id"] for p in extra)
+    held_out = {p[k] for s in ("val", "test") for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
+    assert not held_out & {p[k] for p in extra for k in ("harmful", "harmless")}
+    with pytest.raises(InvalidOptionError):
+        data.harmful_pairs("test", extra=True)
+
+
 def test_refusal_judges():
     from safeguard.eval.llm import MiniLMRefusalJudge, is_refusal_phrase
 

@@ -69,8 +69,16 @@ def read_vectors(
     layer_path: str | None = None,
     progress: bool = False,
     seed: int = 0,
+    extra_data: bool = False,
+    lda_shrinkage: float = LDA_SHRINKAGE,
 ) -> SteeringVectors:
-    """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``."""
+    """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``.
+
+    ``extra_data`` and ``lda_shrinkage`` concern ``harmful`` only: the first adds the extra training
+    pairs (:func:`~safeguard.steering.data.extra_pairs`) to the condition direction's training data
+    (its out-of-fold threshold scores included); the behaviour and concept directions stay on the
+    original training split. The defaults give the shipped vectors.
+    """
     adapter.require_tokenizer("reading steering vectors")
     model = adapter.model
     _, layers = adapter.decoder_layers(layer_path)
@@ -80,7 +88,7 @@ def read_vectors(
     model.eval()
     try:
         if is_refusal_concept(concept):
-            vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed)
+            vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed, extra_data, lda_shrinkage)
         else:
             vecs = _read_topic(adapter, concept, layers, method, meta, progress, seed)
     finally:
@@ -88,7 +96,9 @@ def read_vectors(
     return vecs
 
 
-def _read_refusal(adapter, concept, layers, method, meta, progress, seed) -> SteeringVectors:
+def _read_refusal(
+    adapter, concept, layers, method, meta, progress, seed, extra_data=False, shrinkage=LDA_SHRINKAGE
+) -> SteeringVectors:
     model, tok, chat = adapter.model, adapter.tokenizer, adapter.chat_text
     train, val = data.harmful_pairs("train"), data.harmful_pairs("val")
     scary = [p["prompt"] for p in data.scary_harmless("train")]
@@ -98,8 +108,15 @@ def _read_refusal(adapter, concept, layers, method, meta, progress, seed) -> Ste
     neg, _ = collect_states(model, tok, harmless, layers, progress=progress)
     scary_states, _ = collect_states(model, tok, [chat(p) for p in scary], layers, progress=progress)
     c_dirs, c_scales = read_directions(pos, neg, method)
-    all_neg = torch.cat([neg, scary_states], dim=1)
-    d_dirs = lda_directions(pos, all_neg, LDA_SHRINKAGE)
+    # the condition (detector) direction: optionally with the extra training pairs, read as their own sets
+    extra = data.extra_pairs() if extra_data else []
+    d_pos, d_neg = pos, neg
+    if extra:
+        x_pos, _ = collect_states(model, tok, [chat(p["harmful"]) for p in extra], layers, progress=progress)
+        x_neg, _ = collect_states(model, tok, [chat(p["harmless"]) for p in extra], layers, progress=progress)
+        d_pos, d_neg = torch.cat([pos, x_pos], dim=1), torch.cat([neg, x_neg], dim=1)
+    all_neg = torch.cat([d_neg, scary_states], dim=1)
+    d_dirs = lda_directions(d_pos, all_neg, shrinkage)
 
     # behaviour: the same training prompts answered with a refusal versus with compliance
     refusals, compliances = data.refusal_exemplars()
@@ -116,7 +133,7 @@ def _read_refusal(adapter, concept, layers, method, meta, progress, seed) -> Ste
         directions={"concept": c_dirs, "condition": d_dirs, "behaviour": b_dirs},
         scales={
             "concept": c_scales,
-            "condition": (pos.mean(1) - all_neg.mean(1)).mul(d_dirs).sum(-1),
+            "condition": (d_pos.mean(1) - all_neg.mean(1)).mul(d_dirs).sum(-1),
             "behaviour": b_scales,
         },
         norms=norms,
@@ -124,18 +141,20 @@ def _read_refusal(adapter, concept, layers, method, meta, progress, seed) -> Ste
         | {
             "reading": {
                 "concept": "harmful minus harmless requests, last prompt token (chat template)",
-                "condition": f"shrunk Fisher discriminant ({LDA_SHRINKAGE}) of the same states, scary-word harmless prompts included",
+                "condition": f"shrunk Fisher discriminant ({shrinkage}) of the same states, scary-word harmless prompts included"
+                + (f", plus {len(extra)} extra training pairs" if extra else ""),
                 "behaviour": "refusal minus compliance replies, mean over reply tokens",
                 "train_pairs": len(train),
                 "val_pairs": len(val),
                 "scary_train": len(scary),
             }
+            | ({"condition_extra_pairs": len(extra)} if extra else {})
         },
     )
     # calibration on the validation split (never on the held-out test split)
     v_pos, _ = collect_states(model, tok, [chat(p["harmful"]) for p in val], layers)
     v_neg, _ = collect_states(model, tok, [chat(p["harmless"]) for p in val], layers)
-    oof_pos, oof_neg = out_of_fold_scores(pos, all_neg, lambda p, n: lda_directions(p, n, LDA_SHRINKAGE))
+    oof_pos, oof_neg = out_of_fold_scores(d_pos, all_neg, lambda p, n: lda_directions(p, n, shrinkage))
     sv_pos, sv_neg = projections(v_pos, d_dirs), projections(v_neg, d_dirs)
     layer, table = select_condition_layer(sv_pos, sv_neg, oof_pos, oof_neg)
     threshold, tpr, fpr = best_threshold(

@@ -7,6 +7,9 @@ Splits are made by code, deterministically, within each category (items sorted b
   5-7 -> ``"test"`` (held out: only the evaluation reads it). 25 pairs a category give
   13 / 3 / 9, so 104 / 24 / 72 in all.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
+- extra harmful/harmless pairs (``harmful_harmless_pairs_extra.json``, 240, 30 a category): training
+  only, never split; ``harmful_pairs("train", extra=True)`` appends them to the training split. No
+  extra prompt has MiniLM cosine above 0.75 to a validation or test prompt.
 
 Example:
     >>> from safeguard.steering.data import harmful_pairs
@@ -49,11 +52,22 @@ def _check_split(split: str, allowed: tuple[str, ...] = SPLITS) -> None:
         raise InvalidOptionError(f"split={split!r} is not one of {list(allowed)}.")
 
 
-def harmful_pairs(split: str) -> list[dict[str, str]]:
-    """Matched ``{"id", "category", "harmful", "harmless"}`` pairs of one split."""
+def harmful_pairs(split: str, extra: bool = False) -> list[dict[str, str]]:
+    """Matched ``{"id", "category", "harmful", "harmless"}`` pairs of one split.
+
+    ``extra=True`` (``"train"`` only) appends :func:`extra_pairs` after the split's own pairs.
+    """
     _check_split(split)
+    if extra and split != "train":
+        raise InvalidOptionError(f"extra pairs are training data only; got split={split!r} with extra=True.")
     want = {"train": (0, 1, 2, 3), "val": (4,), "test": (5, 6, 7)}[split]
-    return [it for i, it in _by_category(_load("harmful_harmless_pairs.json")["pairs"]) if i % 8 in want]
+    pairs = [it for i, it in _by_category(_load("harmful_harmless_pairs.json")["pairs"]) if i % 8 in want]
+    return pairs + extra_pairs() if extra else pairs
+
+
+def extra_pairs() -> list[dict[str, str]]:
+    """The 240 extra training pairs (ids ``<category>-x001``...), in category then id order."""
+    return [it for _, it in _by_category(_load("harmful_harmless_pairs_extra.json")["pairs"])]
 
 
 def scary_harmless(split: str) -> list[dict[str, str]]:
