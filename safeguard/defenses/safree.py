@@ -188,8 +188,7 @@ class SAFREEDefense(Defense):
             raise InvalidOptionError(f"safree needs the tokenizer of each text encoder; {missing} have none.")
         self.phrases = [p for c in self.concepts for p in c.phrases]
         self._subspaces: dict[tuple[str, Key], torch.Tensor] = {}
-        for n, enc in self.encoders.items():
-            self.hooks.forward_pre_hook(enc, f"{n}_pre", self.timed(self._enc_pre(n)))
+        for n, enc in self.encoders.items():  # records the call; detection waits for the denoiser
             self.hooks.forward_hook(enc, f"{n}_post", self.timed(self._enc_post(n)))
         self.hooks.forward_pre_hook(adapter.denoiser, "denoiser_pre", self.timed(self._denoise_pre))
         ups = getattr(adapter.denoiser, "up_blocks", None)
@@ -202,7 +201,6 @@ class SAFREEDefense(Defense):
         self._subspaces = {}
 
     def _reset_state(self) -> None:
-        self._pending: dict[str, tuple[tuple, dict]] = {}
         self._calls: list[EncoderCall] = []
         self._masks: dict[int, torch.Tensor] = {}  # id(call) -> mask of its real tokens
         self._rows: list[tuple[int, _Prompt]] | None = None  # (denoiser row, prompt) for rows to filter
@@ -225,19 +223,9 @@ class SAFREEDefense(Defense):
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         return (ids != pad).long()
 
-    def _enc_pre(self, name: str):
-        def hook(module, args, kwargs):
-            self._pending[name] = (args, kwargs)
-            return None
-
-        return hook
-
     def _enc_post(self, name: str):
         def hook(module, args, kwargs, output):
-            pending = self._pending.pop(name, None)
-            if pending is None:
-                return None
-            call = EncoderCall(name, output, *pending)
+            call = EncoderCall(name, output, args, kwargs)
             if call.input_ids is not None:
                 self._masks[id(call)] = self._real_mask(name, call.input_ids, call.kwargs.get("attention_mask"))
                 self._calls.append(call)
