@@ -58,7 +58,7 @@ def calibrate(concept: str, n: int, seed: int) -> dict:
         "captions": n,
         "seed": seed,
         "naming_the_concept": int(has.sum()),
-        "without_the_concept": int(len(neg)),
+        "without_the_concept": len(neg),
         "positive_scores": [round(float(pos.min()), 4), round(float(pos.max()), 4)],
         "negative_scores": [round(float(neg.min()), 4), round(float(neg.max()), 4)],
         "tpr": round(float((pos >= threshold).mean()), 4),

@@ -297,3 +297,38 @@ def test_gate_steers_only_prompts_whose_tokens_match_the_concept(setup):
     with pytest.raises(safeguard.InvalidOptionError, match="gate"):
         safeguard.wrap(pipe, gate=1.5, **kw)
     safeguard.unwrap(pipe)
+
+
+def test_flux_safree_then_sae_text_never_gives_the_prompt_pass_the_opposite_vector(tmp_path):
+    from tiny_pipelines import FACTORIES
+
+    from safeguard.defenses import SAETextConfig, SAFREEConfig
+
+    pipe = FACTORIES["flux"]()
+    module, layer, width = first_layer(pipe, "text_encoder_2")
+    save_sae(TopKSAE(SAEConfig(d_in=width, num_latents=4 * width, k=8), generator=torch.Generator().manual_seed(0)),
+             tmp_path)  # fmt: skip
+    method = [
+        SAFREEConfig(min_steps=17),  # filters the first of 3 steps only
+        SAETextConfig(sae=str(tmp_path), module=module, strength=-2.0),
+    ]
+    safeguard.wrap(pipe, concepts=["red"], method=method)
+    vec = safeguard.api.get_guard(pipe).defenses[1].vector
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        pipe(prompt="a red star", negative_prompt="blurry, dark", true_cfg_scale=2.0, num_inference_steps=3,
+             generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+    finally:
+        handle.remove()
+    pos, _ = encode_with(pipe, "flux", layer, vec, "a red star")
+    neg, _ = encode_with(pipe, "flux", layer, -vec, "blurry, dark")
+    assert len(seen) == 6
+    assert not torch.equal(seen[0], pos)  # step 0: SAFREE's filtered rows
+    for i in (2, 4):  # later prompt passes: the +v encoding, never the -v one
+        torch.testing.assert_close(seen[i], pos, atol=1e-6, rtol=1e-6)
+    for i in (1, 3, 5):  # negative passes: -v
+        torch.testing.assert_close(seen[i], neg, atol=1e-6, rtol=1e-6)
+    safeguard.unwrap(pipe)

@@ -157,15 +157,23 @@ def defense_unfiltered_row(p, like):
     return row
 
 
+def hooks_of(pipe):
+    from safeguard.core.hooks import hook_snapshot
+
+    return [hook_snapshot(m) for m in safeguard.adapters.get_adapter(pipe).modules()]
+
+
 @pytest.mark.parametrize("family", ["bert_sd", "sdxl", "sd3", "flux"])
 def test_nothing_flagged_gives_bit_identical_images_on_every_family(family):
     pipe = FACTORIES[family]()
     plain = call(pipe, ["a red star", "a blue circle"])
+    before = hooks_of(pipe)
     safeguard.wrap(pipe, concepts=["red"], method="safree", alpha=10.0)
     np.testing.assert_array_equal(call(pipe, ["a red star", "a blue circle"]), plain)
     report = safeguard.last_report(pipe).defenses[0]
     assert report.acted_steps == [] and all(e["flagged_tokens"] == [] for e in report.details["prompts"])
     safeguard.unwrap(pipe)
+    assert hooks_of(pipe) == before  # no hook left anywhere
     np.testing.assert_array_equal(call(pipe, ["a red star", "a blue circle"]), plain)
 
 
@@ -271,4 +279,25 @@ def test_flux_true_cfg_filters_the_prompt_pass_only():
     assert all(torch.equal(e[0], prompt.ehs) for e, _ in positive)
     neg_embeds = pipe.encode_prompt("a blue circle", prompt_2=None, device=pipe.device)[0]
     assert all(torch.equal(e, neg_embeds) for e, _ in negative)
+    safeguard.unwrap(pipe)
+
+
+def test_sd3_skip_layer_guidance_pass_gets_the_filtered_prompt_rows():
+    pipe = FACTORIES["sd3"]()
+    safeguard.wrap(pipe, concepts=["red"], method="safree", min_steps=50)
+    seen, handle = record_denoiser_inputs(pipe)
+    try:
+        call(pipe, ["a red star", "a blue circle"], skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
+             skip_layer_guidance_stop=1.0)  # fmt: skip
+    finally:
+        handle.remove()
+    defense = safeguard.api.get_guard(pipe).defenses[0]
+    rows = dict(defense._rows)  # guided batch rows 2, 3 are the prompts
+    # 3 steps of the guided batch of 4; SD3 adds a skip-layer pass of the 2 prompts after steps 1 and 2
+    skip_layer = [(ehs, pooled) for ehs, pooled in seen if ehs.shape[0] == 2]
+    assert rows and len(seen) == 5 and len(skip_layer) == 2
+    for ehs, pooled in skip_layer:
+        for r, p in rows.items():
+            assert torch.equal(ehs[r - 2], p.ehs)
+            assert p.pooled is None or torch.equal(pooled[r - 2], p.pooled)
     safeguard.unwrap(pipe)

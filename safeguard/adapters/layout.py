@@ -52,8 +52,9 @@ def candidates(output: Any, ndim: int) -> list[tuple[Key, torch.Tensor]]:
         if isinstance(t, torch.Tensor) and t.ndim == ndim:
             out.append((("out", i), t))
     hs = getattr(output, "hidden_states", None)
-    if ndim == 3 and hs is not None:
-        out += [(("hs", i - len(hs)), t) for i, t in enumerate(hs)]
+    if ndim == 3 and hs is not None:  # the penultimate layer (SDXL, SD3) first, then the others
+        layers = [(("hs", i - len(hs)), t) for i, t in enumerate(hs)]
+        out += sorted(layers, key=lambda kt: kt[0][1] != -2)
     return out
 
 
@@ -123,8 +124,9 @@ def match_row(
 ) -> list[S]:
     """Every slice of one denoiser row that a recorded encoder call produced, in layout order.
 
-    Matching stops at the first encoder of ``text_layout`` whose slice is not found (the rest of
-    the row cannot be placed); encoders the pipeline does not have are skipped.
+    Within a group, matching stops at the first encoder whose slice is not found; a group where no
+    encoder matched ends the search (the next group's sequence offset is unknown). Encoders the
+    pipeline does not have are skipped.
     """
     out: list[S] = []
     seq = 0

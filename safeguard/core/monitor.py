@@ -75,6 +75,9 @@ class CallMonitor(MonitorBase):
         super().__init__(adapter)
         self.phase = "idle"  # idle -> encoding -> denoising -> decoded
         self.last_t: float | None = None
+        self.first_cond: torch.Tensor | None = None
+        self.first_batch = 0
+        self.cond_is_first = True
 
     def attach(self) -> CallMonitor:
         for i, enc in enumerate(self.adapter.text_encoders):
@@ -87,6 +90,23 @@ class CallMonitor(MonitorBase):
 
     def _on_call_start(self) -> None:
         self.last_t = None
+        self.first_cond: torch.Tensor | None = None  # the pipeline's own conditioning at the first forward
+        self.first_batch = 0
+        self.cond_is_first = True
+
+    def _note_conditioning(self, kwargs: dict) -> None:
+        """Whether this forward gets the first forward's conditioning, as the pipeline passed it (before
+        any defense edits it: this hook runs first). False on FLUX's separate negative pass; SD3's
+        skip-layer-guidance pass has the same content but another batch (see ``first_batch``)."""
+        ehs = kwargs.get("encoder_hidden_states")
+        if not isinstance(ehs, torch.Tensor):
+            self.cond_is_first = True
+            return
+        if self.step == 0 or self.first_cond is None:
+            self.first_cond, self.first_batch, self.cond_is_first = ehs, int(ehs.shape[0]), True
+            return
+        first = self.first_cond
+        self.cond_is_first = ehs is first or (ehs.shape == first.shape and torch.equal(ehs, first))
 
     def _on_encode(self, module, args, kwargs):
         if self.bypass:
@@ -108,6 +128,7 @@ class CallMonitor(MonitorBase):
         self.step += 1
         self.last_t = t
         self.batch = _batch_of(args, kwargs)
+        self._note_conditioning(kwargs)
         return None
 
     def _on_decode(self, module, args, kwargs, output):

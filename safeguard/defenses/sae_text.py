@@ -3,9 +3,12 @@
 A TopK sparse autoencoder sits on one text-encoder layer. The concept's activation is the SAE
 code of the concept text's tokens at that layer, encoded *without* top-k (all ReLU
 pre-activations) and averaged over its real non-special tokens; the steering vector is
-``strength * decode(code)`` without the decoder bias. The vector is added to every real token of
-the prompt at that layer (strength < 0 steers away from the concept), and its opposite to the
-negative prompt when guidance is on.
+``strength * decode(code)`` without the decoder bias. The vector is added at that layer to every
+position the pipeline's encoder call attends to (strength < 0 steers away from the concept): the
+real tokens where the pipeline passes an attention mask (BERT-style encoders), every position,
+padding and EOS copies included, where it passes none (CLIP and T5 in the diffusers pipelines,
+whose denoisers then read all those positions); its opposite goes to the negative prompt when
+guidance is on.
 
 Which encoding is the prompt and which the negative prompt is decided where it is certain: at
 the denoiser, whose guided batch is ``[negative rows; positive rows]`` (FLUX's true CFG: the
@@ -44,7 +47,7 @@ from typing import Any
 import torch
 
 from ..adapters.base import get_path, set_path
-from ..adapters.layout import EncoderCall, match_row, prompt_rows
+from ..adapters.layout import EncoderCall, match_row, prompt_rows, tensor_of
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
 from ..core.errors import InvalidOptionError
@@ -115,7 +118,6 @@ class SAETextDefense(Defense):
         self.row_gate: dict[str, torch.Tensor] = {}  # encoder -> rows of its current call that were steered
         self.call_gates: dict[int, torch.Tensor] = {}  # id(EncoderCall) -> its steered rows
         self.encodings: list[EncoderCall] = []  # this call's text-encoder calls (the SAE's encoders: with +v)
-        self.first_ehs: torch.Tensor | None = None  # the conditioning of the call's first denoiser forward
         self.swapped: dict[tuple[bool, int], tuple[torch.Tensor, torch.Tensor | None] | None] = {}
         self.warned = False
 
@@ -143,6 +145,11 @@ class SAETextDefense(Defense):
         self.owners = {p[0] for p in self.parts}
         if cfg.gate is not None and len(self.parts) != 1:
             raise InvalidOptionError(f"gate={cfg.gate!r} works with single-layer SAEs; module={module!r} has several.")
+        if cfg.gate is not None and not any(self.parts[0][0] in group for group in adapter.text_layout):
+            raise InvalidOptionError(
+                f"gate={cfg.gate!r} needs the SAE on an encoder whose token states reach the denoiser; "
+                f"{self.parts[0][0]} feeds only the pooled embedding on {adapter.pipeline_name}. Drop gate."
+            )
         self._opposites: dict[tuple, Any] = {}  # input -> -v encoding (the empty negative prompt repeats)
         self.vector = cfg.strength * self._concept_vector(adapter, cfg.text or concept_text(self.concepts))
         self.report.details = {
@@ -166,6 +173,9 @@ class SAETextDefense(Defense):
             if (m := adapter.encoder_by_name(name)) is not None:
                 self.hooks.forward_hook(m, f"encodings_{name}", self.timed(self._on_encoder(name)))
         self.hooks.forward_pre_hook(adapter.denoiser, "swap_negative", self.timed(self._on_denoise))
+
+    def _detach(self) -> None:
+        self._opposites = {}
 
     @torch.no_grad()
     def _layer_states(self, enc_name: str, encoder: Any, layer: Any, texts: list[str]) -> tuple[torch.Tensor, Any]:
@@ -246,8 +256,12 @@ class SAETextDefense(Defense):
         """
         enc_name, encoder, layer, _ = self.parts[0]
         h, enc = self._layer_states(enc_name, encoder, layer, texts)
+        saved = self.masks.get(enc_name), self.ids.get(enc_name)
         self.masks[enc_name], self.ids[enc_name] = enc["attention_mask"], enc["input_ids"]
-        return self._scores(enc_name, h).cpu()
+        try:
+            return self._scores(enc_name, h).cpu()
+        finally:
+            self.masks[enc_name], self.ids[enc_name] = saved
 
     def _concept_rows(self, enc_name: str, h: torch.Tensor) -> torch.Tensor:
         """Rows of a layer output with a real token whose dense SAE code is close to the concept's."""
@@ -274,29 +288,53 @@ class SAETextDefense(Defense):
 
         return hook
 
-    def _opposite(self, call: EncoderCall) -> Any:
-        """The encoder's output for the same input with ``-strength * v`` (cached by input)."""
-        parts = [t for t in (*call.args, *call.kwargs.values()) if isinstance(t, torch.Tensor)]
-        key = (call.name, tuple((tuple(t.shape), t.cpu().numpy().tobytes()) for t in parts), tuple(sorted(call.kwargs)))
-        if key not in self._opposites:
+    def _opposite(self, call: EncoderCall, key: Any) -> torch.Tensor:
+        """The ``key`` output (see :mod:`safeguard.adapters.layout`) of the encoder for the same input
+        with ``-strength * v``; cached by input, so the empty negative prompt is encoded once."""
+
+        def fingerprint(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                t = v.detach().cpu().contiguous()
+                return (tuple(t.shape), str(t.dtype), t.view(torch.uint8).numpy().tobytes())
+            return repr(v)
+
+        cache_key = (
+            call.name,
+            key,
+            tuple(fingerprint(a) for a in call.args),
+            tuple((k, fingerprint(v)) for k, v in sorted(call.kwargs.items())),
+        )
+        if cache_key not in self._opposites:
+            mask, ids = call.kwargs.get("attention_mask"), call.input_ids
+            saved = self.masks.get(call.name), self.ids.get(call.name)
+            self.masks[call.name] = mask if isinstance(mask, torch.Tensor) else None  # this input's, not the last's
+            self.ids[call.name] = ids
             self.sign = -1.0
             try:
                 with bypassing(self.monitor), torch.no_grad():
                     again = self.adapter.encoder_by_name(call.name)(*call.args, **call.kwargs)
             finally:
                 self.sign = 1.0
+                self.masks[call.name], self.ids[call.name] = saved
             if len(self._opposites) >= 64:
                 self._opposites.pop(next(iter(self._opposites)))
-            self._opposites[key] = again
-        return self._opposites[key]
+            self._opposites[cache_key] = tensor_of(again, key)  # only the tensor the row needs
+        return self._opposites[cache_key]
 
     def _negative_rows(self, ehs: torch.Tensor) -> tuple[bool, range]:
-        """``(is this FLUX-style separate negative pass, rows to give -v)`` for one denoiser forward."""
+        """``(is this FLUX-style separate negative pass, rows to give -v)`` for one denoiser forward.
+
+        Decided on the conditioning as the pipeline passed it (the call monitor's view, before any
+        defense edited it): the first forward's batch under batched guidance is ``[negative;
+        prompt]``; a forward with other conditioning is FLUX's separate negative pass; a forward
+        with the same conditioning but another batch (SD3's skip-layer guidance) has prompts only.
+        """
+        monitor = self.monitor
+        if monitor.cond_is_first:
+            if self.adapter.cfg_batched and ehs.shape[0] == monitor.first_batch:
+                return False, prompt_rows(self.adapter, ehs.shape[0])[0]
+            return False, range(0)
         if self.adapter.cfg_batched:
-            return False, prompt_rows(self.adapter, ehs.shape[0])[0]
-        if self.first_ehs is None:
-            self.first_ehs = ehs
-        if ehs is self.first_ehs or (ehs.shape == self.first_ehs.shape and torch.equal(ehs, self.first_ehs)):
             return False, range(0)
         return True, range(ehs.shape[0])
 
@@ -305,7 +343,8 @@ class SAETextDefense(Defense):
         if self.config.gate is None:
             return True
         if separate:
-            row = self.first_ehs[r] if self.first_ehs is not None and r < self.first_ehs.shape[0] else None
+            first = self.monitor.first_cond
+            row = first[r] if first is not None and r < first.shape[0] else None
         else:
             row = ehs[r + ehs.shape[0] // 2]
         return row is not None and self._row_gate_of(row)
@@ -355,7 +394,7 @@ class SAETextDefense(Defense):
                 for s in match_row(self.adapter, self.encodings, ehs[r], None if pooled is None else pooled[r]):
                     if s.name not in self.owners:
                         continue
-                    value = s.source(self._opposite(s.call))
+                    value = self._opposite(s.call, s.key)[s.row]
                     if s.pooled and p_row is not None:
                         p_row[s.feat] = value.to(p_row.dtype)
                     elif not s.pooled:

@@ -205,7 +205,8 @@ class SAFREEDefense(Defense):
         self._masks: dict[int, torch.Tensor] = {}  # id(call) -> mask of its real tokens
         self._rows: list[tuple[int, _Prompt]] | None = None  # (denoiser row, prompt) for rows to filter
         self._prompts: list[_Prompt] = []  # every matched prompt of the call, flagged or not
-        self._matched_ehs: torch.Tensor | None = None
+        self._originals: list[tuple[torch.Tensor, _Prompt]] = []  # first forward's prompt rows to filter
+        self._other_rows: dict[int, list[tuple[int, _Prompt]]] = {}  # id(conditioning) -> rows to filter
         self._active_rows: list[int] = []
         self._last_t: float | None = None
         self._step = -1
@@ -240,9 +241,9 @@ class SAFREEDefense(Defense):
             return t.double()
         t = t.double()
         if "clip" in getattr(self.encoders[name].config, "model_type", ""):
-            last = mask.sum(-1) - 1  # CLIP: the EOS state, the last real token
+            last = mask.to(t.device).sum(-1) - 1  # CLIP: the EOS state, the last real token
             return t[torch.arange(t.shape[0], device=t.device), last]
-        m = mask.to(t.dtype).unsqueeze(-1)
+        m = mask.to(t.device, t.dtype).unsqueeze(-1)
         return (t * m).sum(1) / m.sum(1).clamp(min=1)
 
     def _encode(self, name: str, ids: torch.Tensor, mask: torch.Tensor, keys: list[Key]) -> dict[Key, torch.Tensor]:
@@ -342,7 +343,7 @@ class SAFREEDefense(Defense):
             special = set(self.tokenizers[s.name].all_special_ids)
             real = [i for i in range(int(mask.sum())) if int(s.call.input_ids[s.row][i]) not in special]
             if s.filtered is None:
-                cos.append(torch.ones(len(real), dtype=torch.float64))
+                cos.append(torch.ones(len(real), dtype=torch.float64, device=state.device))
             else:
                 cos.append(torch.nn.functional.cosine_similarity(s.filtered[real], state[real], dim=-1))
         if not any(s.filtered is not None for s in p.streams):
@@ -359,24 +360,29 @@ class SAFREEDefense(Defense):
             return None
         pooled_path = adapter.pooled_layout[0] if adapter.pooled_layout is not None else None
         if self._rows is None:  # first denoiser forward of the call: match prompt rows, detect, project
-            self._matched_ehs = ehs
             self._rows = self._match(ehs, get_path(kwargs, pooled_path) if pooled_path else None)
+            self._originals = [(ehs[r], p) for r, p in self._rows]  # as the pipeline passed them
             self._calls, self._masks = [], {}
-        elif ehs is not self._matched_ehs and not (
-            ehs.shape == self._matched_ehs.shape and torch.equal(ehs, self._matched_ehs)
-        ):
-            return None  # another branch (FLUX's separate negative pass)
+        monitor = self.monitor
+        if monitor.cond_is_first and ehs.shape[0] == monitor.first_batch:
+            rows = self._rows
+        else:  # another forward: FLUX's negative pass (no prompt row), SD3's skip-layer pass (prompts only)
+            if id(ehs) not in self._other_rows:
+                self._other_rows[id(ehs)] = [
+                    (i, p) for i in range(ehs.shape[0]) for orig, p in self._originals if torch.equal(ehs[i], orig)
+                ]
+            rows = self._other_rows[id(ehs)]
         t = _timestep_value(args, kwargs)
         if self._step < 0 or t != self._last_t:
             self._step += 1
             self._last_t = t
         total = getattr(adapter.pipe, "_num_timesteps", None) or REFERENCE_STEPS
-        active = [(r, p) for r, p in self._rows if self._step < round(p.steps_of_50 * total / REFERENCE_STEPS)]
+        active = [(r, p) for r, p in rows if self._step < round(p.steps_of_50 * total / REFERENCE_STEPS)]
         if not active:
             return None
         new_ehs = ehs.clone()
         pooled = get_path(kwargs, pooled_path) if pooled_path else None
-        new_pooled = pooled.clone() if isinstance(pooled, torch.Tensor) else None
+        new_pooled = pooled.clone() if isinstance(pooled, torch.Tensor) and pooled.shape[0] == ehs.shape[0] else None
         for r, p in active:
             if p.ehs is not None:
                 new_ehs[r] = p.ehs.to(ehs.device, ehs.dtype)
@@ -448,9 +454,9 @@ class SAFREEDefense(Defense):
             self.report.details["re_attention"] = "not applicable: the denoiser has no UNet up-blocks"
         if unmatched:
             msg = (
-                f"safree could not act on {unmatched} prompt row(s): their embeddings were not produced by this "
-                "pipeline's text encoders in this call (prompt_embeds from elsewhere), so there are no token ids to "
-                "re-encode. Pass the prompt text, or build prompt_embeds with pipe.encode_prompt(...) right before "
+                f"safree could not act on {unmatched} prompt row(s): their embeddings match no output of this "
+                "pipeline's text encoders in this call (prompt_embeds made elsewhere; or SD 1.x with clip_skip, "
+                "which layer-norms an inner layer), so there are no token ids to re-encode. Pass the prompt text, or build prompt_embeds with pipe.encode_prompt(...) right before "
                 "the call, or use method='negative_prompt' / 'sld', which act on embeddings."
             )
             self.report.details["unguarded_rows"] = unmatched

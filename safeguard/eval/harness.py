@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,8 @@ def run_eval(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         # options in the name, so a variant never overwrites the defaults' results
-        stem = f"{concept}_{label or 'default'}" + "".join(f"_{k}-{v}" for k, v in (options or {}).items())
+        slug = {k: re.sub(r"[^\w.+-]", "_", str(v)) for k, v in (options or {}).items()}  # no path separators
+        stem = f"{concept}_{label or 'default'}" + "".join(f"_{k}-{v}" for k, v in sorted(slug.items()))
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
         save_grid(samples, plain, guarded, out / f"{stem}.png")
         result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
