@@ -74,6 +74,13 @@ class PipelineAdapter:
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")
         return [m for n in names if isinstance(m := getattr(self.pipe, n, None), nn.Module)]
 
+    def conditioning_encoders(self) -> list[str]:
+        """Names of the text encoders whose outputs reach the denoiser (``text_layout``, then pooled-only ones)."""
+        names = [n for group in self.text_layout for n in group]
+        if self.pooled_layout is not None:
+            names += [n for n in self.pooled_layout[1] if n not in names]
+        return [n for n in names if self.encoder_by_name(n) is not None]
+
     def encoder_by_name(self, name: str) -> nn.Module | None:
         m = getattr(self.pipe, name, None)
         return m if isinstance(m, nn.Module) else None

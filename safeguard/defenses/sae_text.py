@@ -168,10 +168,10 @@ class SAETextDefense(Defense):
             )
             start += width
         # every text encoder's calls are recorded: placing this encoder's slice in a row needs the others
-        pooled_names = adapter.pooled_layout[1] if adapter.pooled_layout is not None else ()
-        for name in dict.fromkeys([*(n for group in adapter.text_layout for n in group), *pooled_names]):
-            if (m := adapter.encoder_by_name(name)) is not None:
-                self.hooks.forward_hook(m, f"encodings_{name}", self.timed(self._on_encoder(name)))
+        for name in adapter.conditioning_encoders():
+            self.hooks.forward_hook(
+                adapter.encoder_by_name(name), f"encodings_{name}", self.timed(self._on_encoder(name))
+            )
         self.hooks.forward_pre_hook(adapter.denoiser, "swap_negative", self.timed(self._on_denoise))
 
     def _detach(self) -> None:

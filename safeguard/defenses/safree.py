@@ -178,10 +178,7 @@ class SAFREEDefense(Defense):
 
     # ------------------------------------------------------------------ attach
     def _attach(self, adapter: Any) -> None:
-        names = [n for group in adapter.text_layout for n in group]
-        if adapter.pooled_layout is not None:
-            names += [n for n in adapter.pooled_layout[1] if n not in names]
-        self.encoders = {n: m for n in names if (m := adapter.encoder_by_name(n)) is not None}
+        self.encoders = {n: adapter.encoder_by_name(n) for n in adapter.conditioning_encoders()}
         self.tokenizers = {n: adapter.tokenizer_for(n) for n in self.encoders}
         missing = [n for n, t in self.tokenizers.items() if t is None]
         if missing:
