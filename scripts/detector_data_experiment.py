@@ -41,7 +41,7 @@ from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
 from safeguard.steering import data
 from safeguard.steering.build import LDA_SHRINKAGE, SHIPPED_DIR
-from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores
+from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores, select_condition_layer
 from safeguard.steering.reading import collect_states, lda_directions, projections
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,21 +104,18 @@ def evaluate(s: dict[str, torch.Tensor], extra_per_category: int, shrinkage: flo
     t_p = projections(s["test_harmful"], dirs)
     t_h, t_s = projections(s["test_harmless"], dirs), projections(s["scary_test"], dirs)
     t_n = torch.cat([t_h, t_s], dim=1)
-    table = []
-    for layer in range(pos.shape[0]):
-        table.append(
-            {
-                "layer": layer,
-                "val_auroc": auroc(v_p[layer], v_n[layer]),
-                "oof_auroc": auroc(oof_p[layer], oof_n[layer]),
-                "oof_auroc_orig": auroc(oof_p[layer, :n_old], oof_n[layer, orig_neg]),
-                "test_auroc_info": auroc(t_p[layer], t_n[layer]),
-                "test_auroc_harmless_info": auroc(t_p[layer], t_h[layer]),
-                "test_auroc_scary_info": auroc(t_p[layer], t_s[layer]),
-            }
-        )
-    best = max(table, key=lambda r: r["val_auroc"] + r["oof_auroc"])  # calibrate.select_condition_layer
-    layer = int(best["layer"])
+    layer, base = select_condition_layer(v_p, v_n, oof_p, oof_n)  # calibrate.py's rule and table
+    table = [
+        row
+        | {
+            "oof_auroc_orig": auroc(oof_p[row["layer"], :n_old], oof_n[row["layer"], orig_neg]),
+            "test_auroc_info": auroc(t_p[row["layer"]], t_n[row["layer"]]),
+            "test_auroc_harmless_info": auroc(t_p[row["layer"]], t_h[row["layer"]]),
+            "test_auroc_scary_info": auroc(t_p[row["layer"]], t_s[row["layer"]]),
+        }
+        for row in base
+    ]
+    best = table[layer]
     thr, tpr, fpr = best_threshold(
         torch.cat([oof_p[layer], v_p[layer]]), torch.cat([oof_n[layer], v_n[layer]]), fp_weight=1.5
     )

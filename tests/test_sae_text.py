@@ -135,6 +135,20 @@ def test_prompt_embeds_warn_and_bad_module_raises(setup):
     safeguard.unwrap(pipe)
 
 
+def denoiser_inputs(pipe, **call):
+    """Run ``pipe(**call)`` and return the ``encoder_hidden_states`` of every denoiser forward, as it got them."""
+    seen = []
+    denoiser = safeguard.adapters.get_adapter(pipe).denoiser
+    handle = denoiser.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        pipe(generator=torch.Generator().manual_seed(0), output_type="np", **call)
+    finally:
+        handle.remove()
+    return seen
+
+
 OWNER = {"sdxl": "text_encoder_2", "sd3": "text_encoder_3", "flux": "text_encoder_2"}
 
 
@@ -225,15 +239,9 @@ def test_sdxl_sae_over_both_encoders_splits_the_vector_between_their_layers(tmp_
     safeguard.wrap(pipe, concepts=["red"], method="sae_text", sae=str(tmp_path), module=f"{m1}+{m2}", strength=-2.0)
     vec = safeguard.api.get_guard(pipe).defenses[0].vector
     assert vec.shape == (w1 + w2,) and vec[:w1].norm() > 0 and vec[w1:].norm() > 0
-    seen = []
-    handle = pipe.unet.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True
+    seen = denoiser_inputs(
+        pipe, prompt="a red star", negative_prompt="blurry", num_inference_steps=1, guidance_scale=5.0
     )
-    try:
-        pipe(prompt="a red star", negative_prompt="blurry", num_inference_steps=1, guidance_scale=5.0,
-             generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
-    finally:
-        handle.remove()
 
     def encode(text, sign):
         hooks = [
@@ -314,15 +322,9 @@ def test_flux_safree_then_sae_text_never_gives_the_prompt_pass_the_opposite_vect
     ]
     safeguard.wrap(pipe, concepts=["red"], method=method)
     vec = safeguard.api.get_guard(pipe).defenses[1].vector
-    seen = []
-    handle = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True
+    seen = denoiser_inputs(
+        pipe, prompt="a red star", negative_prompt="blurry, dark", true_cfg_scale=2.0, num_inference_steps=3
     )
-    try:
-        pipe(prompt="a red star", negative_prompt="blurry, dark", true_cfg_scale=2.0, num_inference_steps=3,
-             generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
-    finally:
-        handle.remove()
     pos, _ = encode_with(pipe, "flux", layer, vec, "a red star")
     neg, _ = encode_with(pipe, "flux", layer, -vec, "blurry, dark")
     assert len(seen) == 6

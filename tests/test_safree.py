@@ -81,8 +81,9 @@ def call(pipe, prompts, steps=3, seed=0, **kw):
     return pipe(prompts, num_inference_steps=steps, generator=g, output_type="np", **kw).images
 
 
-def record_denoiser_inputs(pipe):
-    """A test hook after safeguard's: the conditioning the denoiser really gets, per forward."""
+def denoiser_inputs(pipe, prompts, **kw):
+    """``call(pipe, prompts, **kw)`` with a test hook after safeguard's: the conditioning (token states,
+    pooled) the denoiser really gets, per forward."""
     seen = []
     adapter = safeguard.adapters.get_adapter(pipe)
     pooled_path = adapter.pooled_layout[0] if adapter.pooled_layout else None
@@ -91,7 +92,12 @@ def record_denoiser_inputs(pipe):
         pooled = safeguard.adapters.base.get_path(kwargs, pooled_path) if pooled_path else None
         seen.append((kwargs["encoder_hidden_states"].clone(), None if pooled is None else pooled.clone()))
 
-    return seen, adapter.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = adapter.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        call(pipe, prompts, **kw)
+    finally:
+        handle.remove()
+    return seen
 
 
 def original_state(stream):
@@ -102,11 +108,7 @@ def original_state(stream):
 def test_every_family_projects_flagged_states_out_of_the_concept_subspace_and_feeds_them_to_the_denoiser(family):
     pipe = FACTORIES[family]()
     safeguard.wrap(pipe, concepts=["red"], method="safree", min_steps=50)
-    seen, handle = record_denoiser_inputs(pipe)
-    try:
-        call(pipe, ["a red star", "a blue circle"])
-    finally:
-        handle.remove()
+    seen = denoiser_inputs(pipe, ["a red star", "a blue circle"])
     defense = safeguard.api.get_guard(pipe).defenses[0]
     prompts, rows = defense._prompts, defense._rows  # before the reference encodings start a new call
     assert len(prompts) == 2
@@ -265,11 +267,7 @@ def test_prompt_embeds_from_encode_prompt_are_guarded_and_foreign_ones_warn_and_
 def test_flux_true_cfg_filters_the_prompt_pass_only():
     pipe = FACTORIES["flux"]()
     safeguard.wrap(pipe, concepts=["red"], method="safree", min_steps=50)
-    seen, handle = record_denoiser_inputs(pipe)
-    try:
-        call(pipe, "a red star", negative_prompt="a blue circle", true_cfg_scale=2.0)
-    finally:
-        handle.remove()
+    seen = denoiser_inputs(pipe, "a red star", negative_prompt="a blue circle", true_cfg_scale=2.0)
     defense = safeguard.api.get_guard(pipe).defenses[0]
     assert safeguard.last_report(pipe).defenses[0].acted_steps == [0, 2, 4]  # forwards 0, 2, 4 are the prompt's
     (prompt,) = defense._prompts
@@ -285,12 +283,13 @@ def test_flux_true_cfg_filters_the_prompt_pass_only():
 def test_sd3_skip_layer_guidance_pass_gets_the_filtered_prompt_rows():
     pipe = FACTORIES["sd3"]()
     safeguard.wrap(pipe, concepts=["red"], method="safree", min_steps=50)
-    seen, handle = record_denoiser_inputs(pipe)
-    try:
-        call(pipe, ["a red star", "a blue circle"], skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
-             skip_layer_guidance_stop=1.0)  # fmt: skip
-    finally:
-        handle.remove()
+    seen = denoiser_inputs(
+        pipe,
+        ["a red star", "a blue circle"],
+        skip_guidance_layers=[0],
+        skip_layer_guidance_start=0.0,
+        skip_layer_guidance_stop=1.0,
+    )
     defense = safeguard.api.get_guard(pipe).defenses[0]
     rows = dict(defense._rows)  # guided batch rows 2, 3 are the prompts
     # 3 steps of the guided batch of 4; SD3 adds a skip-layer pass of the 2 prompts after steps 1 and 2
