@@ -18,7 +18,9 @@ from .core.report import CallReport
 P = TypeVar("P")
 
 _GUARDS: weakref.WeakKeyDictionary[Any, Guard] = weakref.WeakKeyDictionary()
-DEFAULT_METHOD_PREFERENCE = ("sld", "negative_prompt", "repe")  # safree joins once its ShapesWorld numbers are in
+# the first that supports the pipeline's family; safree is the fallback where guidance-side methods
+# cannot act (FLUX has no batched negative branch); on ShapesWorld its detection does not fire (README)
+DEFAULT_METHOD_PREFERENCE = ("sld", "negative_prompt", "repe", "safree")
 
 MethodSpec = str | DefenseConfig | Iterable[str | DefenseConfig] | None
 
@@ -77,8 +79,8 @@ def wrap(
         concepts: built-in set names (``"nudity"``, ``"violence"``, ``"red"``...), free text
             (``"a red star"``), or :class:`safeguard.Concept` objects.
         method: a method name (see ``safeguard.available_methods()``), a config object, or a list
-            of them (applied in the fixed composition order). ``None`` picks the strongest method
-            available for this pipeline.
+            of them (applied in the fixed composition order). ``None`` picks the first of ``sld``,
+            ``negative_prompt``, ``repe``, ``safree`` that supports this pipeline (``safree`` on FLUX).
         tokenizer: the tokenizer of a causal LM (language models only; a text-generation
             pipeline brings its own).
         overwrite: replace an existing guard with a different config instead of raising.

@@ -225,3 +225,13 @@ def test_defense_used_directly_as_context_manager_matches_wrap(sd):
     assert hooks(sd) == base
     defense.detach()  # idempotent
     assert hooks(sd) == base
+
+
+def test_default_method_per_family():
+    from tiny_pipelines import tiny_flux, tiny_sd
+
+    for factory, expected in ((tiny_sd, "sld"), (tiny_flux, "safree")):  # FLUX: no batched negative branch
+        pipe = factory()
+        safeguard.wrap(pipe, concepts=["red"])
+        assert [d.name for d in safeguard.api.get_guard(pipe).defenses] == [expected]
+        safeguard.unwrap(pipe)
