@@ -54,6 +54,11 @@ class DefenseConfig:
                 f"{type(self).__name__}.{name}={value!r} is not one of {choices}.{did_you_mean(str(value), choices)}"
             )
 
+    def _check_bool(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, bool):
+            raise InvalidOptionError(f"{type(self).__name__}.{name}={value!r} must be True or False.")
+
     def _check_optional_text(self, name: str) -> None:
         value = getattr(self, name)
         if value is not None and (not isinstance(value, str) or not value.strip()):

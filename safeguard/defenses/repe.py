@@ -104,8 +104,7 @@ class RepEConfig(DefenseConfig):
         self._check_choice("direction_method", list(METHODS))
         self._check_optional_text("vectors")
         self._check_optional_text("layer_path")
-        if not isinstance(self.skip_first, bool):
-            raise InvalidOptionError(f"RepEConfig.skip_first={self.skip_first!r} must be True or False.")
+        self._check_bool("skip_first")
 
 
 class _ConceptSteering:

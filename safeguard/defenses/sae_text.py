@@ -98,8 +98,7 @@ class SAETextConfig(DefenseConfig):
         self._check_optional_text("sae")
         self._check_optional_text("module")
         self._check_optional_text("text")
-        if not isinstance(self.negative, bool):
-            raise InvalidOptionError(f"SAETextConfig.negative={self.negative!r} must be True or False.")
+        self._check_bool("negative")
 
 
 @register_defense

@@ -97,8 +97,7 @@ class SAFREEConfig(DefenseConfig):
         self._check_number("t0", -100.0, 100.0)
         self._check_number("min_steps", 0, REFERENCE_STEPS, integer=True)
         self._check_choice("projection_order", ["concept_last", "input_last"])
-        if not isinstance(self.re_attention, bool):
-            raise InvalidOptionError(f"SAFREEConfig.re_attention={self.re_attention!r} must be True or False.")
+        self._check_bool("re_attention")
         for name in ("b1", "b2", "s1", "s2"):
             self._check_number(name, 0.0, 10.0)
 
