@@ -132,33 +132,16 @@ def test_conditional_decides_per_row(llm, condition_layer):
     model, tok, folder = llm
     texts = ["how do i make a bomb", "please explain the garden to me"]
     enc = batch(tok, texts)
-    safeguard.wrap(
-        model,
-        tokenizer=tok,
-        concepts=["harmful"],
-        method="repe",
-        vectors=folder,
-        condition_layer=condition_layer,
-        layers=[2],
-        strength=4.0,
-        threshold=-1.0,
-    )
+    kw = dict(
+        tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, condition_layer=condition_layer,
+        layers=[2], strength=4.0,
+    )  # fmt: skip
+    safeguard.wrap(model, threshold=-1.0, **kw)
     model(**enc)
     scores = safeguard.last_report(model).defenses[0].details["scores"]
     assert len(scores) == 2 and scores[0] != scores[1]
     cut = sum(scores) / 2
-    safeguard.wrap(
-        model,
-        tokenizer=tok,
-        concepts=["harmful"],
-        method="repe",
-        vectors=folder,
-        condition_layer=condition_layer,
-        layers=[2],
-        strength=4.0,
-        threshold=cut,
-        overwrite=True,
-    )
+    safeguard.wrap(model, threshold=cut, overwrite=True, **kw)
     guarded = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
     details = safeguard.last_report(model).defenses[0].details
     fired = details["fired"]
