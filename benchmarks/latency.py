@@ -758,10 +758,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark (or ``--render``); returns the results dict that was written as latency.json."""
     args = parse_args(argv)
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        write_outputs(data, args.out or args.render.parent, json_too=False)
-        print(render_markdown(data))
-        return data
+        return rerender(args, write_outputs, render_markdown)
 
     from tqdm.auto import tqdm
 
@@ -790,11 +787,24 @@ def main(argv: list[str] | None = None) -> dict:
             data["interrupted"] = True
             bar.write("interrupted: writing the cases measured so far")
     data["elapsed_s"] = time.perf_counter() - t_start
+    publish(data, out, "latency", write_outputs, render_markdown)
+    return data
+
+
+def rerender(args: argparse.Namespace, write_outputs: Any, render_markdown: Any) -> dict:
+    """``--render``: rebuild a results JSON's .md and .csv (beside it, or in ``--out``) without measuring."""
+    data = json.loads(args.render.read_text())
+    write_outputs(data, args.out or args.render.parent, json_too=False)
+    print(render_markdown(data))
+    return data
+
+
+def publish(data: dict, out: Path, name: str, write_outputs: Any, render_markdown: Any) -> None:
+    """Check, write ``<name>.json/.csv/.md`` under ``out`` and print the table (latency.py and llm.py)."""
     _check_finite(data)
     write_outputs(data, out)
     print(render_markdown(data))
-    print(f"wrote {out / 'latency.json'}, latency.csv, latency.md in {data['elapsed_s']:.1f} s")
-    return data
+    print(f"wrote {out / f'{name}.json'}, {name}.csv, {name}.md in {data['elapsed_s']:.1f} s")
 
 
 def _check_finite(obj: Any) -> None:

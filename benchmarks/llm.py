@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -458,10 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark (or ``--render``); returns the results dict written as llm.json."""
     args = parse_args(argv)
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        write_outputs(data, args.out or args.render.parent, json_too=False)
-        print(render_markdown(data))
-        return data
+        return _latency().rerender(args, write_outputs, render_markdown)
 
     from tqdm.auto import tqdm
 
@@ -532,10 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:  # the vectors lived in a temporary folder
         data["settings"]["vectors"] = "(temporary random vectors)"
     finish_cases(data, measured)
-    lat._check_finite(data)
-    write_outputs(data, out)
-    print(render_markdown(data))
-    print(f"wrote {out / 'llm.json'}, llm.csv, llm.md in {data['elapsed_s']:.1f} s")
+    lat.publish(data, out, "llm", write_outputs, render_markdown)
     return data
 
 
