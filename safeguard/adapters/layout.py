@@ -85,9 +85,9 @@ class Slice:
     feat: slice  # feature positions
     pooled: bool = False
 
-    def source(self, output: Any = None) -> torch.Tensor:
-        """This slice's tensor in the recorded output (or in ``output``, e.g. a second pass)."""
-        return tensor_of(self.call.output if output is None else output, self.key)[self.row]
+    def source(self) -> torch.Tensor:
+        """This slice's tensor in the recorded output."""
+        return tensor_of(self.call.output, self.key)[self.row]
 
 
 S = TypeVar("S", bound=Slice)
