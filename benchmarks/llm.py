@@ -1,8 +1,9 @@
 """Speed of ``repe`` on a causal LM, and of the same vector added by the ``steering-vectors`` package.
 
-On SmolLM2-135M-Instruct (the embedded LLM), for each batch size: prefill latency (a 1-token ``generate``) and
-decode throughput (a ``new_tokens + 1``-token ``generate`` minus the prefill, every row forced to the same length
-with ``min_new_tokens``), for these variants, all in one process and interleaved within every repetition:
+On SmolLM2-135M-Instruct (the embedded LLM), for each batch size, from one ``new_tokens + 1``-token ``generate`` per
+variant and repetition (every row forced to the same length with ``min_new_tokens``; a logits processor stamps the
+clock at each token): prefill latency (call start to the first token's logits) and decode throughput (first to last
+token's logits), for these variants, all in one process and interleaved within every repetition:
 
 - ``unguarded``: the bare model (not wrapped);
 - ``repe-conditional``: ``safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe")`` with the
@@ -16,7 +17,8 @@ with ``min_new_tokens``), for these variants, all in one process and interleaved
 Optional (``--variants``): ``repe-disabled``: wrapped in conditional mode but run inside ``safeguard.disabled``.
 
 Reported per batch and variant: median prefill seconds and decode tokens/s, and their ratios to the unguarded model
-of the same repetition (median, min, max of the per-repetition ratios). The batch's prompts alternate harmful and
+of the same repetition (median, min, max of the per-repetition ratios); and ``repe-add`` against the peer directly,
+repetition by repetition (median ratio, bootstrap 95% interval). The batch's prompts alternate harmful and
 harmless requests from the validation split (batch 1: one harmful request, which the conditional guard should
 flag; the ``fired`` column says whether it did).
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import os
 import statistics
 import sys
@@ -58,7 +61,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # benchmark the checkout this script lives in
     sys.path.insert(0, str(REPO))
 
-SCHEMA = "safeguard.benchmarks.llm/1"
+SCHEMA = "safeguard.benchmarks.llm/2"
 CONCEPT = "harmful"
 SHIPPED_VECTORS = REPO / "safeguard" / "models" / "weights" / "repe" / "harmful-mean_diff"
 PEER = "steering-vectors-add"
@@ -173,16 +176,36 @@ class Bench:
             finally:
                 safeguard.unwrap(self.model)
 
-    def generate(self, enc: Any, n: int) -> float:
-        """Seconds of one greedy ``generate`` of exactly ``n`` new tokens per row."""
+    def generate(self, enc: Any, n: int) -> dict[str, Any]:
+        """Timings of one greedy ``generate`` of exactly ``n`` new tokens per row.
+
+        A logits processor stamps the clock each time the model's logits for a new token are ready, so the prefill
+        (call start to the first token's logits) and the decode (first to last token's logits: ``n - 1`` forwards
+        with the KV cache) come from one call, not from the difference of two noisy calls.
+        """
+        from transformers import LogitsProcessorList
+
         sync = _latency()._sync
+        stamps: list[float] = []
+
+        def stamp(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            sync(self.device)
+            stamps.append(time.perf_counter())
+            return scores
+
         sync(self.device)
         t0 = time.perf_counter()
         self.model.generate(
-            **enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=self.tok.pad_token_id
-        )
+            **enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=self.tok.pad_token_id,
+            logits_processor=LogitsProcessorList([stamp]),
+        )  # fmt: skip
         sync(self.device)
-        return time.perf_counter() - t0
+        total = time.perf_counter() - t0
+        steps = [b - a for a, b in itertools.pairwise(stamps)]
+        return dict(
+            prefill_s=stamps[0] - t0, decode_s=stamps[-1] - stamps[0], full_s=total,
+            step_s_median=statistics.median(steps) if steps else None,
+        )  # fmt: skip
 
 
 def fired_rows(model: Any, variant: str) -> list[bool] | None:
@@ -241,7 +264,6 @@ def run_batch(b: Bench, batch: int, variants: list[str], args: argparse.Namespac
         for v in variants:
             bar.set_postfix_str(f"b{batch} warm-up {v}")
             with b.variant(v):
-                b.generate(enc, 1)
                 b.generate(enc, n + 1)
             bar.update(1)
     reps: dict[str, list[dict]] = {v: [] for v in variants}
@@ -251,14 +273,12 @@ def run_batch(b: Bench, batch: int, variants: list[str], args: argparse.Namespac
         for pos, v in enumerate(variants[k:] + variants[:k]):
             bar.set_postfix_str(f"b{batch} rep {r + 1}/{args.reps} {v}")
             with b.variant(v) as info:
-                b.generate(enc, 1)  # settle: every timed call follows a call of its own variant
-                prefill = b.generate(enc, 1)
-                full = b.generate(enc, n + 1)
+                b.generate(enc, 2)  # settle: every timed call follows a call of its own variant
+                t = b.generate(enc, n + 1)
                 fired = fired_rows(b.model, v)
-            decode = full - prefill
             reps[v].append(dict(
-                rep=r, position=pos, prefill_s=prefill, full_s=full, decode_s=decode,
-                tokens_per_s=batch * n / max(decode, 1e-9), fired=fired, wrap_s=info.get("wrap_s"),
+                rep=r, position=pos, **t, tokens_per_s=batch * n / max(t["decode_s"], 1e-9), fired=fired,
+                wrap_s=info.get("wrap_s"),
             ))  # fmt: skip
             bar.update(1)
 
@@ -283,6 +303,37 @@ def summarize(reps: list[dict]) -> dict:
     )
 
 
+def paired_ratio(ours: list[float], theirs: list[float], boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Median of the per-repetition ratios ``ours[i] / theirs[i]`` with a seeded bootstrap 95% interval."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(ratios), (boot, len(ratios)), generator=gen)
+    medians = torch.tensor(ratios, dtype=torch.float64)[idx].median(dim=1).values
+    return dict(
+        reps=len(ratios), median=statistics.median(ratios), ci95=[float(medians.quantile(0.025)),
+        float(medians.quantile(0.975))], share_at_least_1=sum(r >= 1.0 for r in ratios) / len(ratios), ratios=ratios,
+    )  # fmt: skip
+
+
+def peer_pairs(measured: list[dict]) -> dict[str, dict]:
+    """Per batch: ``repe-add`` against the peer, repetition by repetition (decode tokens/s and prefill time)."""
+    out = {}
+    for m in measured:
+        ours, theirs = m["reps"].get("repe-add", []), m["reps"].get(PEER, [])
+        common = sorted({r["rep"] for r in ours} & {r["rep"] for r in theirs})
+        if not common:
+            continue
+        a = {r["rep"]: r for r in ours}
+        b = {r["rep"]: r for r in theirs}
+        out[str(m["batch"])] = dict(
+            decode_throughput=paired_ratio(
+                [a[i]["tokens_per_s"] for i in common], [b[i]["tokens_per_s"] for i in common]
+            ),
+            prefill_time=paired_ratio([a[i]["prefill_s"] for i in common], [b[i]["prefill_s"] for i in common]),
+        )
+    return out
+
+
 def finish_cases(data: dict, measured: list[dict]) -> None:
     """One case per (batch, variant): repetitions with their ratios to the same repetition's unguarded call."""
     for m in measured:
@@ -304,6 +355,7 @@ def finish_cases(data: dict, measured: list[dict]) -> None:
                 batch=m["batch"], variant=v, prompt_tokens=m["prompt_tokens"], new_tokens=data["settings"]["new_tokens"],
                 reps=m["reps"][v], summary=s,
             ))  # fmt: skip
+    data["peer_pairs"] = peer_pairs(measured)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -344,7 +396,7 @@ def render_markdown(data: dict) -> str:
         f"condition layer {s['calibration'].get('condition_layer')}); {s['new_tokens']} new tokens per row, "
         f"{s['reps']} repetitions after {s['warmup']} warm-up"
         + (", **quick mode** (smoke run, not for comparison)" if s["quick"] else "")
-        + ". Prefill: a 1-token generate (median); decode: tokens/s of the other tokens (median, all rows); "
+        + ". Prefill: call start to the first token's logits (median); decode: tokens/s of the other tokens (median, all rows); "
         "ratios to the unguarded model in the same repetition: median (min-max). Prefill ratio is time "
         "(>1 slower), decode ratio is throughput (<1 slower).",
         "",
@@ -361,6 +413,23 @@ def render_markdown(data: dict) -> str:
             f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f}) | {fired} |"
         )
     lines += ["", "Peer: " + _peer_line(peer)]
+    pairs = data.get("peer_pairs") or {}
+    if pairs:
+        lines += [
+            "",
+            "`repe-add` against `steering-vectors-add`, repetition by repetition (both ran in every repetition): "
+            "median of the per-repetition ratios, bootstrap 95% interval of that median, and the share of "
+            "repetitions in which ours was at least as fast.",
+            "",
+            "| batch | reps | decode tok/s, ours / peer | 95% CI | ours >= peer | prefill time, ours / peer | 95% CI |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for b, pr in pairs.items():
+            d, p = pr["decode_throughput"], pr["prefill_time"]
+            lines.append(
+                f"| {b} | {d['reps']} | {d['median']:.3f} | {d['ci95'][0]:.3f}-{d['ci95'][1]:.3f} | "
+                f"{d['share_at_least_1']:.0%} | {p['median']:.3f} | {p['ci95'][0]:.3f}-{p['ci95'][1]:.3f} |"
+            )
     if data.get("interrupted"):
         lines += ["", "**Interrupted**: only the repetitions above were measured."]
     if data.get("errors"):

@@ -176,7 +176,7 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert res.returncode == 0, f"stdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-5000:]}"
     data = json.loads((tmp_path / "llm.json").read_text())
-    assert data["schema"] == "safeguard.benchmarks.llm/1"
+    assert data["schema"] == "safeguard.benchmarks.llm/2"
     assert data["errors"] == [] and data["interrupted"] is False
     s = data["settings"]
     assert s["quick"] is True and s["batches"] == [1, 8] and s["reps"] == 2 and s["model"] == "tiny-llama"
@@ -188,7 +188,9 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
     for case in data["cases"]:
         assert len(case["reps"]) == 2 and case["new_tokens"] == s["new_tokens"] and case["prompt_tokens"] > 0
         for rep in case["reps"]:
-            assert all(is_number(rep[k]) for k in ("prefill_s", "full_s", "tokens_per_s", "prefill_ratio"))
+            assert all(is_number(rep[k]) for k in ("prefill_s", "decode_s", "full_s", "tokens_per_s", "prefill_ratio"))
+            assert 0 < rep["prefill_s"] < rep["full_s"] and 0 < rep["decode_s"] < rep["full_s"]
+            assert is_number(rep["step_s_median"]) and rep["step_s_median"] <= rep["decode_s"]
             assert is_number(rep["decode_ratio"])
             if case["variant"] == "unguarded":
                 assert rep["prefill_ratio"] == rep["decode_ratio"] == 1.0
@@ -217,6 +219,24 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
     assert peer["available"] is True and peer["layers"] == [1] and data["skipped"] == []
     for batch in ("1", "8"):  # the peer adds exactly what repe's add mode adds (repe with skip_first=False)
         assert peer["check"][batch]["max_abs_logit_diff"] < 1e-4 and peer["check"][batch]["same_tokens"] is True
+    assert set(data["peer_pairs"]) == {"1", "8"}
+    for batch, pair in data["peer_pairs"].items():  # repe-add over the peer, repetition by repetition
+        d = pair["decode_throughput"]
+        ours = {
+            r["rep"]: r["tokens_per_s"]
+            for c in data["cases"]
+            if c["variant"] == "repe-add" and str(c["batch"]) == batch
+            for r in c["reps"]
+        }
+        theirs = {
+            r["rep"]: r["tokens_per_s"]
+            for c in data["cases"]
+            if c["variant"] == "steering-vectors-add" and str(c["batch"]) == batch
+            for r in c["reps"]
+        }
+        assert d["reps"] == 2 and d["ratios"] == pytest.approx([ours[i] / theirs[i] for i in sorted(ours)])
+        assert d["ci95"][0] <= d["median"] <= d["ci95"][1] and d["share_at_least_1"] in (0.0, 0.5, 1.0)
+    assert "ours / peer" in md
 
 
 def test_sld_peer_quick_run_writes_files_and_schema(tmp_path):

@@ -289,3 +289,103 @@ def test_refusal_judges():
     assert judge(replies, ["How do I make a pipe bomb?", "How do I bake bread?"]) == [True, False]
     # a compliant reply that only shares the harmful topic is not a refusal once the request is known
     assert judge(["To build a pipe bomb, you need a steel pipe."], ["How do I build a pipe bomb?"]) == [False]
+
+
+def test_prompt_weights_skip_first_token_padding_and_chat_prefix():
+    from safeguard.steering.reading import prompt_weights
+
+    prefix = [7, 8]
+    # row 0: left padded, starts with the prefix; row 1: right padded, no prefix; row 2: only the prefix
+    ids = torch.tensor([[0, 0, 7, 8, 5, 6], [9, 5, 6, 4, 0, 0], [0, 0, 0, 0, 7, 8]])
+    mask = (ids != 0).long()
+    w = prompt_weights(ids, mask, prefix)
+    expect = torch.zeros(3, 6)
+    expect[0, 4:6] = 0.5  # after the prefix
+    expect[1, 1:4] = 1 / 3  # after the first real token
+    # row 2: the prefix fills the row; the match needs a token after it, so only the first token is skipped
+    expect[2, 5] = 1.0
+    torch.testing.assert_close(w, expect)
+    torch.testing.assert_close(prompt_weights(ids, mask, None)[0], torch.tensor([0, 0, 0, 1 / 3, 1 / 3, 1 / 3]))
+    torch.testing.assert_close(
+        prompt_weights(None, None, prefix, shape=(1, 4)), torch.tensor([[0, 1 / 3, 1 / 3, 1 / 3]])
+    )
+
+
+def _two_view_vectors(folder, *, prompt_layer: int, last_layer: int, threshold: float):
+    vecs = random_vectors(4, 32)
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(4, 32, generator=g)
+    vecs.directions["condition_prompt"] = d / d.norm(dim=-1, keepdim=True)
+    vecs.scales["condition_prompt"] = torch.ones(4)
+    views = [
+        {"set": "condition", "layer": last_layer, "pool": "last", "center": 0.1, "scale": 0.5},
+        {"set": "condition_prompt", "layer": prompt_layer, "pool": "prompt", "center": -0.2, "scale": 2.0},
+    ]
+    vecs.calibration.update(detector="both", detectors={"both": {"views": views, "threshold": threshold}})
+    return vecs, str(vecs.save(folder))
+
+
+@pytest.mark.parametrize("layers", [(0, 1), (3, 2)])  # (prompt view, last view): in-pass and look-ahead decisions
+def test_two_view_detector_scores_match_hand_computation(tmp_path, layers):
+    prompt_layer, last_layer = layers
+    model, tok = tiny_llama(), tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}please help me {{ m['content'] }} sure{% endfor %}"
+    vecs, folder = _two_view_vectors(tmp_path / "v", prompt_layer=prompt_layer, last_layer=last_layer, threshold=0.0)
+    texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False) for c in
+             ("how do i make a bomb", "explain the garden")]  # fmt: skip
+    texts.append("write a story about tea")  # no chat prefix: averaged from its second token
+    enc = batch(tok, texts)
+    outs = {}
+    handles = [
+        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        for i in (prompt_layer, last_layer)
+    ]  # fmt: skip
+    with torch.no_grad():
+        model(**enc)
+    for h in handles:
+        h.remove()
+    prefix_len = len(tok("please help me", add_special_tokens=False)["input_ids"])
+    expect = []
+    for b in range(len(texts)):
+        real = [t for t in range(enc["input_ids"].shape[1]) if enc["attention_mask"][b, t]]
+        start = prefix_len if b < 2 else 1
+        own = real[start:]
+        x_last = outs[last_layer][b, real[-1]]
+        x_mean = outs[prompt_layer][b, own].mean(0)
+        u_last, u_prompt = vecs.directions["condition"][last_layer], vecs.directions["condition_prompt"][prompt_layer]
+        cos = lambda x, u: float(x @ u / x.norm())  # noqa: E731
+        expect.append((cos(x_last, u_last) - 0.1) / 0.5 + (cos(x_mean, u_prompt) + 0.2) / 2.0)
+    cut = (sorted(expect)[1] + sorted(expect)[2]) / 2  # one row above the cut
+    safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, layers=[2],
+                   threshold=cut, strength=4.0)  # fmt: skip
+    guarded = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    d = safeguard.last_report(model).defenses[0].details
+    assert d["detector"] == "both" and d["detector_layers"] == sorted({prompt_layer, last_layer})
+    assert d["scores"] == pytest.approx(expect, abs=2e-4)
+    assert d["fired"] == [s > cut for s in expect] and sum(d["fired"]) == 1
+    assert (d["lookahead_ms"] > 0) == (max(layers) > 2)
+    with safeguard.disabled(model):
+        plain = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    for row, fired in enumerate(d["fired"]):
+        assert torch.equal(guarded[row], plain[row]) != fired
+    safeguard.unwrap(model)
+
+
+def test_detector_options_resolve_and_refuse_bad_combinations(tmp_path):
+    from safeguard.steering.detector import resolve_detector
+
+    vecs, folder = _two_view_vectors(tmp_path / "v", prompt_layer=0, last_layer=1, threshold=0.25)
+    assert resolve_detector(vecs).name == "both" and resolve_detector(vecs).threshold == 0.25
+    last = resolve_detector(vecs, condition_layer=3)  # a condition layer alone selects the last-token detector
+    assert last.name == "last" and last.layers == [3] and last.views[0].set == "condition"
+    with pytest.raises(safeguard.InvalidOptionError, match="condition_layer"):
+        resolve_detector(vecs, "both", condition_layer=3)
+    with pytest.raises(safeguard.InvalidOptionError, match="not calibrated"):
+        resolve_detector(vecs, "prompt")
+    model, tok = tiny_llama(), tiny_tokenizer()
+    snap = hook_snapshot(model)
+    with pytest.raises(safeguard.InvalidOptionError, match="detector"):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, detector="best")
+    with pytest.raises(safeguard.InvalidOptionError, match="not calibrated"):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, detector="prompt")
+    assert hook_snapshot(model) == snap and not safeguard.is_wrapped(model)

@@ -160,6 +160,23 @@ class CausalLMAdapter:
             )
         return self.tokenizer
 
+    def chat_prefix_ids(self) -> list[int] | None:
+        """Token ids the chat template puts before every user message (system prompt, user header), or ``None``.
+
+        ``None`` without a tokenizer or chat template, or when the template's text before the message does not
+        tokenise to a prefix of a formatted message's ids (a merge across the boundary).
+        """
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            return None
+        marker = "Zq7 request"
+        text = self.chat_text(marker)
+        if marker not in text:
+            return None
+        ids = tok(text[: text.index(marker)], add_special_tokens=False)["input_ids"]
+        full = tok(text, add_special_tokens=False)["input_ids"]
+        return list(ids) if ids and full[: len(ids)] == ids else None
+
     def chat_text(self, message: str) -> str:
         """``message`` as the model sees a user turn, ready for the assistant's reply."""
         tok = self.require_tokenizer("formatting prompts")

@@ -7,12 +7,14 @@ through ``model.generate`` with or without KV cache, greedy or sampled, in batch
 - ``add``: ``h + strength * scale_l * d_l`` on the behaviour layers (e.g. toward refusal);
 - ``ablate``: ``h - strength * (h . u_l) u_l`` on every layer (or ``layers``): with strength 1 no
   component along the concept direction is left;
-- ``conditional`` (default for ``harmful``): at the prefill, the last prompt token's state at the
-  condition layer is scored (cosine with the condition direction); rows above the calibrated
-  threshold get ``add``, the others run untouched. Each row decides for itself, once per call.
-  When the condition layer lies deeper than the first behaviour layer, the decision is made by a
-  look-ahead pass over the prompt that stops at the condition layer (its cost is reported; decode
-  steps never pay it), so the prompt and the first generated token are steered too.
+- ``conditional`` (default for ``harmful``): at the prefill, a detector
+  (:mod:`safeguard.steering.detector`) scores each prompt from its states: the last prompt token's
+  state at the condition layer, the mean over the request's own tokens at another layer, or both
+  (the calibrated choice); rows above the calibrated threshold get ``add``, the others run
+  untouched. Each row decides for itself, once per call. When the detector's deepest layer lies
+  deeper than the first behaviour layer, the decision is made by a look-ahead pass over the prompt
+  that stops at that layer (its cost is reported; decode steps never pay it), so the prompt and the
+  first generated token are steered too.
 
 Each row's first real token (position 0, whose residual norm is orders of magnitude larger
 than the rest) is never edited; left and right padding are both handled from the attention mask.
@@ -39,8 +41,9 @@ from ..core.defense import Defense
 from ..core.errors import InvalidOptionError
 from ..core.registry import register_defense
 from ..steering.build import cached_vectors, is_refusal_concept
+from ..steering.detector import DETECTORS, pool_states, resolve_detector, view_scores
 from ..steering.ops import ablate_direction, add_vector, hidden_of, replace_hidden
-from ..steering.reading import METHODS
+from ..steering.reading import METHODS, prompt_weights
 from ..steering.vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
@@ -62,8 +65,12 @@ class RepEConfig(DefenseConfig):
         strength: ``add``: multiple of the mean-difference vector per layer; ``ablate``: 1 removes
             the component along the direction, more pushes past zero.
         layers: decoder-layer indices to edit (behaviour layers, or ablation layers).
-        condition_layer: the layer whose last-prompt-token state is scored (``conditional``).
-        threshold: cosine score above which a row is steered (``conditional``).
+        condition_layer: the layer whose last-prompt-token state is scored (``conditional``); given
+            without ``detector`` it selects the ``"last"`` detector.
+        threshold: score above which a row is steered (``conditional``): a cosine for the one-view
+            detectors, a sum of standardised cosines for ``"both"``.
+        detector: ``"last"``, ``"prompt"`` or ``"both"`` (see :mod:`safeguard.steering.detector`);
+            default: the calibrated choice.
         direction_method: ``"mean_diff"`` or ``"pca"``.
         vectors: folder of saved :class:`~safeguard.steering.SteeringVectors` (else read from the
             project's contrast data on first use and cached).
@@ -78,6 +85,7 @@ class RepEConfig(DefenseConfig):
     layers: tuple[int, ...] | None = None
     condition_layer: int | None = None
     threshold: float | None = None
+    detector: str | None = None
     direction_method: str = "mean_diff"
     vectors: str | None = None
     layer_path: str | None = None
@@ -100,7 +108,9 @@ class RepEConfig(DefenseConfig):
         if self.condition_layer is not None:
             self._check_number("condition_layer", 0, None, integer=True)
         if self.threshold is not None:
-            self._check_number("threshold", -1.0, 1.0)
+            self._check_number("threshold", -100.0, 100.0)
+        if self.detector is not None:
+            self._check_choice("detector", list(DETECTORS))
         self._check_choice("direction_method", list(METHODS))
         self._check_optional_text("vectors")
         self._check_optional_text("layer_path")
@@ -128,18 +138,23 @@ class _ConceptSteering:
         self.layers = sorted(set(int(i) for i in layers))
         default_strength = cal.get("strength", 1.0) if self.mode != "ablate" or cal.get("mode") == "ablate" else 1.0
         self.strength = float(cfg.strength if cfg.strength is not None else default_strength)
-        self.condition_layer = int(
-            cfg.condition_layer if cfg.condition_layer is not None else cal.get("condition_layer", 0)
+        self.detector = (
+            resolve_detector(vecs, cfg.detector, cfg.condition_layer, cfg.threshold)
+            if self.mode == "conditional"
+            else None
         )
-        self.threshold = float(cfg.threshold if cfg.threshold is not None else cal.get("threshold", 0.0))
-        bad = [i for i in [*self.layers, self.condition_layer] if not 0 <= i < num_layers]
+        self.condition_layer = self.detector.deepest if self.detector else None
+        self.threshold = self.detector.threshold if self.detector else None
+        detector_layers = self.detector.layers if self.detector else []
+        bad = [i for i in [*self.layers, *detector_layers] if not 0 <= i < num_layers]
         if bad:
             raise InvalidOptionError(
                 f"layer indices {bad} are out of range: the model has {num_layers} decoder layers (0..{num_layers - 1})."
             )
         self._cache: dict[tuple, dict[int, torch.Tensor]] = {}
+        self.units = self.detector.units(vecs) if self.detector else []
         # decide before the prompt reaches the first behaviour layer
-        self.lookahead = self.mode == "conditional" and self.condition_layer > min(self.layers)
+        self.lookahead = self.detector is not None and self.detector.deepest > min(self.layers)
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[int, torch.Tensor]:
         key = (device, dtype)
@@ -148,9 +163,6 @@ class _ConceptSteering:
                 src = {i: self.vecs.directions["concept"][i] for i in self.layers}
             else:
                 src = {i: self.vecs.vector(self.behaviour, i, self.strength) for i in self.layers}
-            if self.mode == "conditional":
-                cond = "condition" if "condition" in self.vecs.directions else "concept"
-                src[-1] = self.vecs.directions[cond][self.condition_layer]
             self._cache[key] = {i: t.to(device=device, dtype=dtype) for i, t in src.items()}
         return self._cache[key]
 
@@ -177,6 +189,8 @@ class RepEDefense(Defense):
         self.fired: list[torch.Tensor | None] = [None] * len(self.plans)
         self.scores: list[list[float]] = [[] for _ in self.plans]
         self.tok_gate: torch.Tensor | None = None  # [B, q, 1] bool: tokens other than each row's first
+        self.pooled: list[dict[int, torch.Tensor]] = [{} for _ in self.plans]  # per plan: view index -> [B, d]
+        self.prompt_w: torch.Tensor | None = None  # [B, T] request-token weights of this call's prefill
         self.lookahead_s = 0.0
 
     def _attach(self, adapter: Any) -> None:
@@ -205,17 +219,20 @@ class RepEDefense(Defense):
                     f"{adapter.pipeline_name} ({len(layers)} layers x {adapter.hidden_size}); read them on this model."
                 )
         self.plans = [_ConceptSteering(c, v, cfg, len(layers)) for c, v in zip(self.concepts, all_vecs)]
+        needs_prefix = any(p.detector is not None and p.detector.needs_prompt_weights for p in self.plans)
+        self._prefix = adapter.chat_prefix_ids() if needs_prefix else None
         self._reset_state()
         owner = adapter.layer_owner(cfg.layer_path)
         self._owner, self._layers = owner, layers
         self.hooks.forward_pre_hook(owner, "gates", self.timed(self._on_forward))
         for p_idx, plan in enumerate(self.plans):
-            if plan.mode == "conditional" and not plan.lookahead:
-                self.hooks.forward_hook(
-                    layers[plan.condition_layer],
-                    f"{plan.concept.name}.condition",
-                    self.timed(self._make_condition(p_idx)),
-                )
+            if plan.detector is not None and not plan.lookahead:
+                for layer in plan.detector.layers:
+                    self.hooks.forward_hook(
+                        layers[layer],
+                        f"{plan.concept.name}.condition.{layer}",
+                        self.timed(self._make_condition(p_idx, layer)),
+                    )
             for i in plan.layers:
                 self.hooks.forward_hook(
                     layers[i], f"{plan.concept.name}.{plan.mode}.{i}", self.timed(self._make_edit(p_idx, i))
@@ -229,43 +246,60 @@ class RepEDefense(Defense):
             self.tok_gate = None
         else:
             self.tok_gate = (m.positions[None, :] != m.first_real[:, None]).unsqueeze(-1)
-        for p_idx, plan in enumerate(self.plans):
-            if plan.mode == "conditional" and plan.lookahead and self.fired[p_idx] is None:
+        undecided = [i for i, p in enumerate(self.plans) if p.detector is not None and self.fired[i] is None]
+        if any(self.plans[i].detector.needs_prompt_weights for i in undecided):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            ids = ids if isinstance(ids, torch.Tensor) else None
+            mask = kwargs.get("attention_mask")
+            mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            embeds = kwargs.get("inputs_embeds")
+            shape = tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) else None
+            self.prompt_w = prompt_weights(ids, mask, self._prefix, shape)
+        for p_idx in undecided:
+            if self.plans[p_idx].lookahead:
                 self._look_ahead(p_idx, args, kwargs)
         return None
 
-    def _decide(self, p_idx: int, h: torch.Tensor) -> None:
+    def _pool(self, p_idx: int, layer: int, h: torch.Tensor) -> None:
+        """Keep the pooled states of the detector views read at ``layer``; decide once the deepest has run."""
         plan = self.plans[p_idx]
-        rows = torch.arange(h.shape[0], device=h.device)
-        last = h[rows, self.monitor.last_real].detach().float()
-        unit = plan.tensors(h.device, torch.float32)[-1]
-        score = (last @ unit) / last.norm(dim=-1).clamp_min(1e-12)
-        self.fired[p_idx] = score > plan.threshold
-        self.scores[p_idx] = [round(float(s), 4) for s in score]
+        det = plan.detector
+        for v_idx, view in enumerate(det.views):
+            if view.layer == layer:
+                self.pooled[p_idx][v_idx] = pool_states(h, view.pool, self.monitor.last_real, self.prompt_w)
+        if layer == det.deepest:
+            pooled = [self.pooled[p_idx][i] for i in range(len(det.views))]
+            score = view_scores(pooled, plan.units, det)
+            self.fired[p_idx] = score > det.threshold
+            self.scores[p_idx] = [round(float(s), 4) for s in score]
+            self.pooled[p_idx] = {}
 
-    def _make_condition(self, p_idx: int):
+    def _make_condition(self, p_idx: int, layer: int):
         def hook(module, args, kwargs, output):
             if self.fired[p_idx] is None:
-                self._decide(p_idx, hidden_of(output))
+                self._pool(p_idx, layer, hidden_of(output))
             return None
 
         return hook
 
     def _look_ahead(self, p_idx: int, args: tuple, kwargs: dict) -> None:
-        """Run the prompt through the layers up to the condition layer (no cache, hooks bypassed)."""
+        """Run the prompt through the layers up to the detector's deepest layer (no cache, hooks bypassed)."""
         import time
 
         from ..core.monitor import bypassing
 
-        plan = self.plans[p_idx]
+        det = self.plans[p_idx].detector
         t0 = time.perf_counter()
-        captured: list[torch.Tensor] = []
 
-        def stop(module, a, k, output):
-            captured.append(hidden_of(output))
-            raise _StopLookAhead
+        def reader(layer: int):
+            def hook(module, a, k, output):
+                self._pool(p_idx, layer, hidden_of(output))
+                if layer == det.deepest:
+                    raise _StopLookAhead
 
-        handle = self._layers[plan.condition_layer].register_forward_hook(stop, with_kwargs=True)
+            return hook
+
+        handles = [self._layers[i].register_forward_hook(reader(i), with_kwargs=True) for i in det.layers]
         kw = {k: v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")}
         try:
             with bypassing(self.monitor), torch.no_grad():
@@ -273,8 +307,8 @@ class RepEDefense(Defense):
         except _StopLookAhead:
             pass
         finally:
-            handle.remove()
-        self._decide(p_idx, captured[0])
+            for handle in handles:
+                handle.remove()
         self.lookahead_s += time.perf_counter() - t0
 
     def _make_edit(self, p_idx: int, layer: int):
@@ -310,6 +344,8 @@ class RepEDefense(Defense):
             if plan.mode == "conditional":
                 fired = self.fired[p_idx]
                 d |= {
+                    "detector": plan.detector.name,
+                    "detector_layers": plan.detector.layers,
                     "condition_layer": plan.condition_layer,
                     "threshold": round(plan.threshold, 4),
                     "scores": self.scores[p_idx],

@@ -31,6 +31,7 @@ from ..core.errors import MissingWeightsError
 from . import data
 from .calibrate import (
     best_threshold,
+    calibrate_detectors,
     out_of_fold_scores,
     select_ablation_layers,
     select_behaviour,
@@ -41,7 +42,7 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 4
+READING_VERSION = 5
 LDA_SHRINKAGE = 0.7
 
 
@@ -117,6 +118,18 @@ def _read_refusal(
         d_pos, d_neg = torch.cat([pos, x_pos], dim=1), torch.cat([neg, x_neg], dim=1)
     all_neg = torch.cat([d_neg, scary_states], dim=1)
     d_dirs = lda_directions(d_pos, all_neg, shrinkage)
+    # the detector's second view: the mean over each request's own tokens, the same prompts and rules
+    prefix = adapter.chat_prefix_ids()
+
+    def prompt_states(texts: list[str]) -> torch.Tensor:
+        return collect_states(model, tok, texts, layers, position="prompt", prefix_ids=prefix, progress=progress)[0]
+
+    pp_pos = prompt_states(harmful + [chat(p["harmful"]) for p in extra])
+    pp_neg = torch.cat(
+        [prompt_states(harmless + [chat(p["harmless"]) for p in extra]), prompt_states([chat(p) for p in scary])],
+        dim=1,
+    )
+    p_dirs = lda_directions(pp_pos, pp_neg, shrinkage)
 
     # behaviour: the same training prompts answered with a refusal versus with compliance
     refusals, compliances = data.refusal_exemplars()
@@ -130,10 +143,11 @@ def _read_refusal(
     b_dirs, b_scales = read_directions(r_states, c_states, method)
 
     vecs = SteeringVectors(
-        directions={"concept": c_dirs, "condition": d_dirs, "behaviour": b_dirs},
+        directions={"concept": c_dirs, "condition": d_dirs, "condition_prompt": p_dirs, "behaviour": b_dirs},
         scales={
             "concept": c_scales,
             "condition": (d_pos.mean(1) - all_neg.mean(1)).mul(d_dirs).sum(-1),
+            "condition_prompt": (pp_pos.mean(1) - pp_neg.mean(1)).mul(p_dirs).sum(-1),
             "behaviour": b_scales,
         },
         norms=norms,
@@ -143,6 +157,9 @@ def _read_refusal(
                 "concept": "harmful minus harmless requests, last prompt token (chat template)",
                 "condition": f"shrunk Fisher discriminant ({shrinkage}) of the same states, scary-word harmless prompts included"
                 + (f", plus {len(extra)} extra training pairs" if extra else ""),
+                "condition_prompt": f"shrunk Fisher discriminant ({shrinkage}) of the mean over each request's own "
+                "tokens (after the chat template's fixed prefix), the same prompts",
+                "chat_prefix_tokens": len(prefix) if prefix else 0,
                 "behaviour": "refusal minus compliance replies, mean over reply tokens",
                 "train_pairs": len(train),
                 "val_pairs": len(val),
@@ -160,6 +177,18 @@ def _read_refusal(
     threshold, tpr, fpr = best_threshold(
         torch.cat([oof_pos[layer], sv_pos[layer]]), torch.cat([oof_neg[layer], sv_neg[layer]]), fp_weight=1.5
     )
+    pv_pos = projections(prompt_states([chat(p["harmful"]) for p in val]), p_dirs)
+    pv_neg = projections(prompt_states([chat(p["harmless"]) for p in val]), p_dirs)
+    poof_pos, poof_neg = out_of_fold_scores(pp_pos, pp_neg, lambda p, n: lda_directions(p, n, shrinkage))
+    p_layer, p_table = select_condition_layer(pv_pos, pv_neg, poof_pos, poof_neg)
+    detector, detectors = calibrate_detectors(
+        {
+            "last": dict(set="condition", pool="last", layer=layer, oof=(oof_pos[layer], oof_neg[layer]),
+                         val=(sv_pos[layer], sv_neg[layer])),
+            "prompt": dict(set="condition_prompt", pool="prompt", layer=p_layer,
+                           oof=(poof_pos[p_layer], poof_neg[p_layer]), val=(pv_pos[p_layer], pv_neg[p_layer])),
+        }
+    )  # fmt: skip
     b_layers, strength, b_table = select_behaviour(
         adapter, vecs, concept, [chat(p["harmful"]) for p in val], progress=progress
     )
@@ -169,16 +198,23 @@ def _read_refusal(
         "threshold": threshold,
         "threshold_calibration_tpr": tpr,
         "threshold_calibration_fpr": fpr,
+        "detector": detector,
+        "detectors": detectors,
         "layers": b_layers,
         "strength": strength,
         "condition_table": table,
+        "condition_prompt_table": p_table,
         "behaviour_table": b_table,
     }
     logger.info(
-        "repe calibration: condition layer %d (val AUROC %.3f), threshold %.3f; behaviour layers %s strength %.2f",
+        "repe calibration: detector %r (val AUROC %.3f, out-of-fold %.3f, threshold %.3f; last-token layer %d, "
+        "prompt-mean layer %d); behaviour layers %s strength %.2f",
+        detector,
+        detectors[detector]["val_auroc"],
+        detectors[detector]["oof_auroc"],
+        detectors[detector]["threshold"],
         layer,
-        table[layer]["val_auroc"],
-        threshold,
+        p_layer,
         b_layers,
         strength,
     )

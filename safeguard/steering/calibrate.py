@@ -6,6 +6,9 @@ split that reading never used, with scores that need no generation:
 - **condition layer**: the layer whose score (cosine of the last-prompt-token state with the
   shrunk Fisher direction read on the training split) best separates validation harmful from
   harmless prompts (validation AUROC plus out-of-fold training AUROC);
+- **detector**: the same two rules for a second view, the mean over the request's own tokens
+  (:mod:`safeguard.steering.detector`), then the best of ``"last"``, ``"prompt"`` and ``"both"`` (the
+  two views' standardised scores summed) by validation plus out-of-fold AUROC (:func:`calibrate_detectors`);
 - **threshold**: on out-of-fold training scores (5 folds, harmless prompts with scary words
   included) plus validation scores, the cut that maximises ``TPR - fp_weight * FPR``
   (``fp_weight = 1.5``: over-refusal costs more). Out-of-fold scores matter: a direction scores
@@ -79,6 +82,47 @@ def select_condition_layer(
         )
     best = max(table, key=lambda r: r["val_auroc"] + r["oof_auroc"])
     return int(best["layer"]), table
+
+
+def calibrate_detectors(views: dict[str, dict[str, Any]], fp_weight: float = 1.5) -> tuple[str, dict[str, dict]]:
+    """Thresholds of the ``"last"``, ``"prompt"`` and ``"both"`` detectors, and the best one by val + OOF AUROC.
+
+    ``views`` maps ``"last"`` and ``"prompt"`` to ``{"set", "pool", "layer", "oof": (pos, neg), "val": (pos, neg)}``
+    with 1-D cosine scores at the view's chosen layer (out-of-fold training scores, validation scores). ``"both"``
+    sums the two views' scores standardised by the mean and standard deviation of their out-of-fold scores (both
+    classes pooled). Each detector's threshold follows :func:`best_threshold` on its out-of-fold + validation
+    scores. Ties in the choice go to the detector with fewer views.
+    """
+
+    def entry(parts: list[tuple[dict[str, Any], float, float]]) -> dict[str, Any]:
+        def total(split: str, side: int) -> torch.Tensor:
+            return sum((v[split][side] - c) / s for v, c, s in parts)  # type: ignore[return-value]
+
+        oof_p, oof_n, val_p, val_n = total("oof", 0), total("oof", 1), total("val", 0), total("val", 1)
+        thr, tpr, fpr = best_threshold(torch.cat([oof_p, val_p]), torch.cat([oof_n, val_n]), fp_weight=fp_weight)
+        return {
+            "views": [
+                {"set": v["set"], "layer": int(v["layer"]), "pool": v["pool"], "center": float(c), "scale": float(s)}
+                for v, c, s in parts
+            ],
+            "threshold": thr,
+            "calibration_tpr": tpr,
+            "calibration_fpr": fpr,
+            "val_auroc": auroc(val_p, val_n),
+            "oof_auroc": auroc(oof_p, oof_n),
+        }
+
+    def standardised(v: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
+        both = torch.cat(list(v["oof"]))
+        return v, float(both.mean()), float(both.std().clamp_min(1e-6))
+
+    table = {
+        "last": entry([(views["last"], 0.0, 1.0)]),
+        "prompt": entry([(views["prompt"], 0.0, 1.0)]),
+        "both": entry([standardised(views["last"]), standardised(views["prompt"])]),
+    }
+    chosen = max(table, key=lambda k: (table[k]["val_auroc"] + table[k]["oof_auroc"], -len(table[k]["views"])))
+    return chosen, table
 
 
 def _steered(adapter: Any, vecs: SteeringVectors, concept: Any, **options: Any) -> Any:

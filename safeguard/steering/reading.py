@@ -7,7 +7,11 @@ residual stream as the next layer sees it, before any final norm). Positions:
   for an instruction, where the model has read the request and not yet answered), found from the
   attention mask, so left and right padding give the same states;
 - ``"mean"``: the mean over real tokens after the first one (the first position carries a huge
-  norm in most LMs and says nothing about content), optionally from ``start`` tokens on.
+  norm in most LMs and says nothing about content), optionally from ``start`` tokens on;
+- ``"prompt"``: the mean over the request's own tokens (:func:`prompt_weights`): as ``"mean"``, but
+  rows that begin with the chat template's fixed prefix (system prompt and user header, given as
+  ``prefix_ids``) skip it too. In a causal LM those prefix states are the same for every request,
+  so averaging them in would only mix in a length-dependent constant.
 
 Directions: ``"mean_diff"``, mean(positive) - mean(negative); ``"pca"``, the first principal axis
 of the paired differences (uncentred, as RepE does), sign fixed so the positive side projects
@@ -30,8 +34,38 @@ from tqdm.auto import tqdm
 
 from ..core.errors import InvalidOptionError
 
-POSITIONS = ("last", "mean")
+POSITIONS = ("last", "mean", "prompt")
 METHODS = ("mean_diff", "pca")
+
+
+def prompt_weights(
+    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, prefix_ids: Sequence[int] | None, shape=None
+) -> torch.Tensor:
+    """``[B, T]`` float32 weights that average each row's request tokens (rows sum to 1, or 0 when empty).
+
+    A row's request tokens are its real tokens (``attention_mask``; left or right padding) after its first one
+    and, when the row's real tokens begin with ``prefix_ids`` (the chat template's fixed prefix), after that
+    prefix. Without ``input_ids`` (``inputs_embeds`` calls) no prefix can be matched; ``shape`` then gives
+    ``(B, T)`` when there is no mask either.
+    """
+    ref = input_ids if input_ids is not None else attention_mask
+    if ref is not None:
+        B, T = int(ref.shape[0]), int(ref.shape[1])
+        device = ref.device
+    else:
+        (B, T), device = shape, torch.device("cpu")
+    real = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    pos = torch.arange(T, device=device)[None, :]
+    first = real.to(torch.int8).argmax(dim=1)[:, None]
+    sel = real & (pos > first)
+    P = len(prefix_ids) if prefix_ids else 0
+    if input_ids is not None and 0 < P < T:
+        idx = (first + torch.arange(P, device=device)[None, :]).clamp(max=T - 1)
+        prefix = torch.as_tensor(list(prefix_ids), device=device, dtype=input_ids.dtype)
+        match = (input_ids.gather(1, idx) == prefix[None, :]).all(dim=1, keepdim=True) & (first + P < T)
+        sel &= ~match | (pos >= first + P)
+    w = sel.float()
+    return w / w.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
 def _layer_output(output: Any) -> torch.Tensor:
@@ -47,6 +81,7 @@ def collect_states(
     *,
     position: str = "last",
     starts: Sequence[int] | None = None,
+    prefix_ids: Sequence[int] | None = None,
     batch_size: int = 16,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +93,11 @@ def collect_states(
         texts: the full texts to read; they are tokenised without extra special tokens when the
             tokenizer has a chat template (the template already holds them).
         layers: the decoder-layer stack.
-        position: ``"last"`` or ``"mean"`` (see the module docstring).
+        position: ``"last"``, ``"mean"`` or ``"prompt"`` (see the module docstring).
         starts: with ``"mean"``, per text, the token index from which to average (e.g. where an
             assistant reply starts); default: from the second real token.
+        prefix_ids: with ``"prompt"``, the chat template's fixed prefix
+            (:meth:`~safeguard.adapters.CausalLMAdapter.chat_prefix_ids`).
         batch_size: texts per forward.
         progress: show a progress bar.
 
@@ -105,6 +142,8 @@ def collect_states(
                     offs = torch.tensor([starts[b0 + j] for j in range(len(chunk))], device=device)
                     sel &= pos >= (first + offs)[:, None]
                 weights = sel.float() / sel.float().sum(dim=1, keepdim=True).clamp_min(1.0)
+            elif position == "prompt":
+                weights = prompt_weights(ids, mask, prefix_ids)
             for i, h in enumerate(captured):
                 h = h.float()
                 norm_sum[i] += h.norm(dim=-1)[body].double().sum().item()

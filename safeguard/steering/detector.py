@@ -1,0 +1,135 @@
+"""The conditional guard's detector: does this request deserve steering?
+
+A detector scores each prompt from residual-stream states read during the prefill, through one or
+two *views*; a view is a direction set, a decoder layer and a pooling of that layer's states:
+
+- ``"last"``: the state of the prompt's last real token (the end of the chat template's assistant
+  header, where the model has read the whole request);
+- ``"prompt"``: the mean over the request's own tokens (:func:`~safeguard.steering.reading.prompt_weights`:
+  after each row's first token and after the chat template's fixed prefix).
+
+A view's score is the cosine of the pooled state with its direction. The calibrated detectors
+(:mod:`safeguard.steering.build`) are ``"last"`` and ``"prompt"`` (one view, the raw cosine) and
+``"both"``: the sum of the two views' cosines, each standardised by the mean and standard deviation
+of its out-of-fold training scores, so neither view dominates by scale. A row is steered when its
+score exceeds the detector's threshold.
+
+Example:
+    >>> det = resolve_detector(vecs)  # doctest: +SKIP
+    >>> det.name, det.layers, det.threshold  # doctest: +SKIP
+    ('both', [14, 28], 0.71)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..core.errors import InvalidOptionError
+
+POOLS = ("last", "prompt")
+DETECTORS = ("last", "prompt", "both")
+
+
+@dataclass(frozen=True)
+class View:
+    """One reading of the prompt: direction set ``set`` at ``layer``, pooled by ``pool``; score ``(cos - center) / scale``."""
+
+    set: str
+    layer: int
+    pool: str
+    center: float = 0.0
+    scale: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A named set of views and the threshold on the sum of their scores."""
+
+    name: str
+    views: tuple[View, ...]
+    threshold: float
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({v.layer for v in self.views})
+
+    @property
+    def deepest(self) -> int:
+        return max(v.layer for v in self.views)
+
+    @property
+    def needs_prompt_weights(self) -> bool:
+        return any(v.pool == "prompt" for v in self.views)
+
+    def units(self, vecs: Any) -> list[torch.Tensor]:
+        """Each view's unit direction (float32, CPU)."""
+        return [vecs.directions[v.set][v.layer].float() for v in self.views]
+
+
+def pool_states(h: torch.Tensor, pool: str, last_index: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``[B, d]`` float32: the last real token's state, or the weighted mean over the request's tokens."""
+    h = h.detach().float()
+    if pool == "last":
+        return h[torch.arange(h.shape[0], device=h.device), last_index]
+    if weights is None:
+        raise ValueError("the 'prompt' pooling needs the prompt weights of this forward")
+    return torch.einsum("bt,btd->bd", weights.to(h.device), h)
+
+
+def view_scores(pooled: Sequence[torch.Tensor], units: Sequence[torch.Tensor], det: Detector) -> torch.Tensor:
+    """``[B]`` detector scores from each view's pooled states ``[B, d]``."""
+    total = None
+    for x, u, v in zip(pooled, units, det.views):
+        cos = (x @ u.to(x.device)) / x.norm(dim=-1).clamp_min(1e-12)
+        s = (cos - v.center) / v.scale
+        total = s if total is None else total + s
+    assert total is not None
+    return total
+
+
+def resolve_detector(
+    vecs: Any, name: str | None = None, condition_layer: int | None = None, threshold: float | None = None
+) -> Detector:
+    """The detector the options ask for, from the vectors' calibration.
+
+    ``name=None`` takes the calibrated choice (``calibration["detector"]``; ``"last"`` for vectors calibrated
+    before detectors had names). ``condition_layer`` moves the ``"last"`` view to that layer; given without
+    ``name`` it selects the ``"last"`` detector. ``threshold`` replaces the detector's threshold (for ``"both"``
+    it is on the standardised scale).
+    """
+    cal = vecs.calibration
+    table = cal.get("detectors") or {}
+    if name is not None and name not in DETECTORS:
+        raise InvalidOptionError(f"detector={name!r} is not one of {list(DETECTORS)}.")
+    chosen = name or cal.get("detector") or "last"
+    if condition_layer is not None and chosen != "last":
+        if name is not None:
+            raise InvalidOptionError(
+                f"condition_layer={condition_layer} sets the layer of the 'last' detector, but detector={name!r}; "
+                "drop condition_layer or use detector='last'."
+            )
+        chosen = "last"
+    if chosen == "last":
+        layer = int(condition_layer if condition_layer is not None else cal.get("condition_layer", 0))
+        base = "condition" if "condition" in vecs.directions else "concept"
+        thr = threshold if threshold is not None else cal.get("threshold", 0.0)
+        return Detector("last", (View(base, layer, "last"),), float(thr))
+    if chosen not in table:
+        raise InvalidOptionError(
+            f"detector={chosen!r} is not calibrated in these vectors (calibrated: {sorted(table) or ['last']}); "
+            "recalibrate them with scripts/calibrate_repe.py or use detector='last'."
+        )
+    entry = table[chosen]
+    views = tuple(View(**v) for v in entry["views"])
+    missing = sorted({v.set for v in views} - set(vecs.directions))
+    if missing:
+        raise InvalidOptionError(f"detector={chosen!r} needs direction sets {missing}, which these vectors lack.")
+    thr = threshold if threshold is not None else entry["threshold"]
+    return Detector(chosen, views, float(thr))
