@@ -297,3 +297,34 @@ def test_safety_vs_speed_quick_run_writes_evals_csv_and_plots(tmp_path):
     rows = list(csv.DictReader((tmp_path / "replot" / "safety_vs_speed.csv").open()))
     assert {r["method"] for r in rows} == {"negative_prompt", "negative_prompt+sld"}
     assert (tmp_path / "replot" / "pareto_red.png").is_file()
+
+
+def test_kernels_quick_run_writes_files_and_schema(tmp_path):
+    """benchmarks/kernels.py --quick: eager timings always; the fused columns say why they are empty on a CPU."""
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "kernels.py"),
+        "--quick",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert data["schema"] == "safeguard.benchmarks.kernels/1" and data["settings"]["quick"] is True
+    assert [(r["kernel"], r["shape"]) for r in data["rows"]] == [
+        ("sld_guidance", [8, 4, 8, 8]),
+        ("ablate_rows", [8, 1, 576]),
+    ]
+    for r in data["rows"]:
+        assert all(is_number(r["eager_us"][k]) and r["eager_us"][k] > 0 for k in ("median", "min", "max"))
+        assert (
+            r["fused_us"] is None and r["speedup"] is None and r["fused_path"].startswith(("not timed", "triton not"))
+        )
+    with (tmp_path / "kernels.csv").open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert "| kernel | case | shape |" in (tmp_path / "kernels.md").read_text()

@@ -187,6 +187,7 @@ class RepEDefense(Defense):
 
     def _reset_state(self) -> None:
         self.fired: list[torch.Tensor | None] = [None] * len(self.plans)
+        self.fired_any: list[bool] = [False] * len(self.plans)  # host copy: edit hooks never sync the device
         self.scores: list[list[float]] = [[] for _ in self.plans]
         self.tok_gate: torch.Tensor | None = None  # [B, q, 1] bool: tokens other than each row's first
         self.pooled: list[dict[int, torch.Tensor]] = [{} for _ in self.plans]  # per plan: view index -> [B, d]
@@ -272,6 +273,7 @@ class RepEDefense(Defense):
             score = view_scores(pooled, plan.units, det)
             self.fired[p_idx] = score > det.threshold
             self.scores[p_idx] = [round(float(s), 4) for s in score]
+            self.fired_any[p_idx] = bool(self.fired[p_idx].any())  # once per call, at the decision
             self.pooled[p_idx] = {}
 
     def _make_condition(self, p_idx: int, layer: int):
@@ -321,7 +323,7 @@ class RepEDefense(Defense):
                 fired = self.fired[p_idx]
                 if fired is None:  # the prompt has not reached the condition layer yet
                     return None
-                if not bool(fired.any()):
+                if not self.fired_any[p_idx]:
                     return None
                 row = fired.view(-1, 1, 1)
                 gate = row if gate is None else gate & row

@@ -29,6 +29,7 @@ import torch
 from ..core.config import DefenseConfig
 from ..core.defense import Defense
 from ..core.registry import register_defense
+from ..kernels import sld_guidance
 from .guidance import ConditionCache, append_rows, concept_text, output_sample, sample_of, with_sample
 
 # diffusers.pipelines.stable_diffusion_safe.SafetyConfig
@@ -122,16 +123,13 @@ class SLDDefense(Defense):
         b = self.monitor.batch // 2
         x = output_sample(output)
         u, c, k = x[:b], x[b : 2 * b], x[n : n + b]
-        diff = c - k
-        scale = torch.clamp(diff.abs() * cfg.sld_scale, max=1.0)
-        scale = torch.where(diff >= cfg.threshold, torch.zeros_like(scale), scale)
-        if self._momentum is None:
-            self._momentum = torch.zeros_like(c)
-        g = (k - u) * scale + cfg.momentum_scale * self._momentum
-        self._momentum = cfg.momentum_beta * self._momentum + (1 - cfg.momentum_beta) * g
+        guided, self._momentum = sld_guidance(
+            u, c, k, self._momentum, sld_scale=cfg.sld_scale, threshold=cfg.threshold,
+            momentum_scale=cfg.momentum_scale, momentum_beta=cfg.momentum_beta,
+        )  # fmt: skip
         head = x[:n]
         if self.monitor.step >= cfg.warmup_steps:
             head = head.clone()
-            head[b : 2 * b] = c - g
+            head[b : 2 * b] = guided
             self.mark_step()
         return with_sample(output, head)

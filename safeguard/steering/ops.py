@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ..kernels import ablate_rows
+
 
 def hidden_of(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -31,8 +33,8 @@ def add_vector(h: torch.Tensor, vec: torch.Tensor, gate: torch.Tensor | None) ->
 
 
 def ablate_direction(h: torch.Tensor, unit: torch.Tensor, strength: float, gate: torch.Tensor | None) -> torch.Tensor:
-    """``h - strength * (h . u) u`` on the selected tokens (``strength=1`` leaves no component along ``u``)."""
-    coef = (h @ unit).unsqueeze(-1) * strength
-    if gate is not None:
-        coef = coef * gate
-    return h - coef * unit
+    """``h - strength * (h . u) u`` on the selected tokens (``strength=1`` leaves no component along ``u``).
+
+    The fused kernel :func:`safeguard.kernels.ablate_rows` where it applies, else its eager reference.
+    """
+    return ablate_rows(h, unit, strength, gate)

@@ -1,0 +1,60 @@
+"""Removing a direction from token states (``repe`` ablation), fused.
+
+``h - strength * gate * (h . u) u`` for every token state ``h`` (rows of the last dimension), unit
+direction ``u`` and an optional per-token 0/1 ``gate``. Eagerly: a matrix-vector product, two
+scalings, an outer product the size of ``h`` and a subtraction; the Triton kernel does one row per
+program, its dot product and update in registers, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import block_size, use_triton
+
+MAX_TRITON_HIDDEN = 1 << 14  # one row per program: wider states take the eager path
+
+
+def ablate_rows_eager(h: torch.Tensor, unit: torch.Tensor, strength: float, gate: torch.Tensor | None) -> torch.Tensor:
+    """The reference: ``h - strength * gate * (h . u) u`` with torch ops in ``h``'s dtype."""
+    coef = (h @ unit).unsqueeze(-1) * strength
+    if gate is not None:
+        coef = coef * gate
+    return h - coef * unit
+
+
+def ablate_rows(h: torch.Tensor, unit: torch.Tensor, strength: float, gate: torch.Tensor | None) -> torch.Tensor:
+    """``h - strength * gate * (h . u) u`` on the selected tokens (``strength=1`` leaves no component along ``u``).
+
+    Args:
+        h: token states ``[..., d]``.
+        unit: unit direction ``[d]``, on ``h``'s device and dtype.
+        strength: 1 removes the component; more pushes past zero.
+        gate: ``None`` (every token) or a 0/1 tensor broadcastable to ``h.shape[:-1] + (1,)`` in ``h``'s dtype.
+
+    Returns:
+        A new tensor like ``h``: the Triton path (CUDA, or CPU under ``TRITON_INTERPRET=1``) when
+        :func:`~safeguard.kernels.use_triton` says so, else :func:`ablate_rows_eager`.
+    """
+    d = h.shape[-1]
+    if not use_triton(h) or h.numel() == 0 or d > MAX_TRITON_HIDDEN or unit.shape != (d,):
+        return ablate_rows_eager(h, unit, strength, gate)
+    from ._triton import ablate_kernel
+
+    rows = h.numel() // d
+    x = h.contiguous().view(rows, d)
+    g = None
+    if gate is not None:
+        g = gate.expand(*h.shape[:-1], 1).reshape(rows).to(h.dtype).contiguous()
+    out = torch.empty_like(x)
+    ablate_kernel[(rows,)](
+        x,
+        unit.contiguous(),
+        x if g is None else g,
+        out,
+        d,
+        float(strength),
+        HAS_GATE=g is not None,
+        BLOCK=block_size(d),
+    )
+    return out.view(h.shape)
