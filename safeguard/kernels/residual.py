@@ -16,11 +16,15 @@ MAX_TRITON_HIDDEN = 1 << 14  # one row per program: wider states take the eager 
 
 
 def ablate_rows_eager(h: torch.Tensor, unit: torch.Tensor, strength: float, gate: torch.Tensor | None) -> torch.Tensor:
-    """The reference: ``h - strength * gate * (h . u) u`` with torch ops in ``h``'s dtype."""
-    coef = (h @ unit).unsqueeze(-1) * strength
+    """The reference: ``h - strength * gate * (h . u) u`` with torch ops in ``h``'s dtype.
+
+    Two ops when ungated (a matrix-vector product and one ``addcmul`` for the update), so a layer's edit costs
+    little even where per-op overhead dominates (one-token decode steps on a CPU).
+    """
+    coef = (h @ unit).unsqueeze(-1)
     if gate is not None:
         coef = coef * gate
-    return h - coef * unit
+    return torch.addcmul(h, coef, unit, value=-strength)
 
 
 def ablate_rows(h: torch.Tensor, unit: torch.Tensor, strength: float, gate: torch.Tensor | None) -> torch.Tensor:
