@@ -7,7 +7,8 @@ token's logits), for these variants, all in one process and interleaved within e
 
 - ``unguarded``: the bare model (not wrapped);
 - ``repe-conditional``: ``safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe")`` with the
-  calibrated defaults (score the prompt at the condition layer, add the behaviour vector to rows above threshold);
+  calibrated defaults (the calibrated detector scores each prompt, the behaviour vector is added to rows above
+  its threshold);
 - ``repe-add``: ``mode="add"``: the behaviour vector added at the calibrated layers to every row;
 - ``repe-ablate``: ``mode="ablate"``: the concept direction projected out at every layer;
 - ``steering-vectors-add`` (the peer): the very same vectors (``vecs.vector("behaviour", layer, strength)`` at the
@@ -308,7 +309,7 @@ def paired_ratio(ours: list[float], theirs: list[float], boot: int = 2000, seed:
     ratios = [a / b for a, b in zip(ours, theirs)]
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(ratios), (boot, len(ratios)), generator=gen)
-    medians = torch.tensor(ratios, dtype=torch.float64)[idx].median(dim=1).values
+    medians = torch.quantile(torch.tensor(ratios, dtype=torch.float64)[idx], 0.5, dim=1)  # as statistics.median
     return dict(
         reps=len(ratios), median=statistics.median(ratios), ci95=[float(medians.quantile(0.025)),
         float(medians.quantile(0.975))], share_at_least_1=sum(r >= 1.0 for r in ratios) / len(ratios), ratios=ratios,
@@ -393,7 +394,7 @@ def render_markdown(data: dict) -> str:
         "",
         f"Model {s['model']}, dtype {s['dtype']}, concept {s['concept']!r}, vectors `{s['vectors_name']}` "
         f"(behaviour layers {s['calibration'].get('layers')}, strength {s['calibration'].get('strength')}, "
-        f"condition layer {s['calibration'].get('condition_layer')}); {s['new_tokens']} new tokens per row, "
+        f"{_detector_text(s)}); {s['new_tokens']} new tokens per row, "
         f"{s['reps']} repetitions after {s['warmup']} warm-up"
         + (", **quick mode** (smoke run, not for comparison)" if s["quick"] else "")
         + ". Prefill: call start to the first token's logits (median); decode: tokens/s of the other tokens (median, all rows); "
@@ -439,6 +440,21 @@ def render_markdown(data: dict) -> str:
         lines += ["", "Skipped:", ""]
         lines += [f"- {k['variant']}: {k['reason']}" for k in data["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _detector_run(vecs: Any) -> dict:
+    """The detector ``repe-conditional`` runs with these vectors (the calibrated choice): name, layers, threshold."""
+    from safeguard.steering.detector import resolve_detector
+
+    det = resolve_detector(vecs)
+    return dict(name=det.name, layers=det.layers, threshold=det.threshold)
+
+
+def _detector_text(s: dict) -> str:
+    det = s.get("detector")  # absent from files written before detectors had names
+    if det is None:
+        return f"condition layer {s['calibration'].get('condition_layer')}"
+    return f"detector {det['name']!r} at layers {det['layers']}, threshold {det['threshold']:.3f}"
 
 
 def _peer_line(peer: dict) -> str:
@@ -562,6 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
             vectors=str(vectors), vectors_name=Path(vectors).name, calibration={
                 k: v for k, v in vecs.calibration.items() if k in ("mode", "layers", "strength", "condition_layer",
                                                                      "threshold")},
+            detector=_detector_run(vecs),
             prompts=bench_prompts(max(args.batch_sizes)), argv=sys.argv[1:] if argv is None else list(argv),
         )  # fmt: skip
         data: dict[str, Any] = dict(

@@ -725,7 +725,7 @@ def format_chat_info(turns: Sequence[Turn]) -> str:
         head = (
             f"monitor score **{d['scores'][0]:.3f}** vs threshold {d.get('threshold', float('nan')):.3f} "
             f"(detector `{d.get('detector', 'last')}`, layer(s) "
-            f"{format_steps(list(d.get('detector_layers') or [d.get('condition_layer')]), sep=', ')}); "
+            f"{format_steps(list(d.get('detector_layers') or []), sep=', ')}); "
             f"steering fired: {fired} "
             f"(it adds the refusal direction x{d.get('strength')} at layer(s) {layers} when it fires)"
         )

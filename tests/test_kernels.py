@@ -54,7 +54,15 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.delenv("SAFEGUARD_DISABLE_KERNELS", raising=False)
     assert use_triton(cpu) is False  # CPU without the interpreter: eager
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert use_triton(cpu) is K.triton_available()
+    if K.triton_available():
+        import triton.language  # noqa: F401  (imported here without the interpreter: it cannot run on CPU now)
+
+        monkeypatch.setattr(K.dispatch, "_warned_interpreter", False)
+        with pytest.warns(UserWarning, match="set after triton was imported"):
+            assert use_triton(cpu) is False
+    assert use_triton(cpu) is False
+    with torch.no_grad():
+        assert use_triton(torch.zeros(2, requires_grad=True)) is False
     monkeypatch.setenv("SAFEGUARD_DISABLE_KERNELS", "1")
     assert use_triton(cpu) is False and K.kernels_disabled()
     monkeypatch.setenv("SAFEGUARD_DISABLE_KERNELS", "0")
@@ -119,7 +127,17 @@ def test_kernels_match_eager_on_cuda(dtype, tol, monkeypatch):
     g = torch.Generator().manual_seed(3)
     h = (torch.randn(8, 33, 576, generator=g) * 4).to("cuda", dtype)
     unit = torch.nn.functional.normalize(torch.randn(576, generator=g), dim=0).to("cuda", dtype)
-    out = ablate_rows(h, unit, 1.0, None)
+    gates = {
+        "none": None,
+        "token": (torch.rand(8, 33, 1, generator=g) > 0.3).to("cuda", dtype),  # repe's [B, q, 1] token gate
+        "row": (torch.rand(8, 1, 1, generator=g) > 0.5).to("cuda", dtype),  # its [B, 1, 1] row gate
+    }
+    for name, gate in gates.items():
+        out = ablate_rows(h, unit, 1.0, gate)
+        ref = ablate_rows_eager(h.float(), unit.float(), 1.0, None if gate is None else gate.float())
+        torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * 4, msg=f"gate {name}")
+    strided = h.transpose(0, 1)  # non-contiguous input
     torch.testing.assert_close(
-        out.float(), ablate_rows_eager(h.float(), unit.float(), 1.0, None), rtol=tol, atol=tol * 4
-    )
+        ablate_rows(strided, unit, 2.0, None).float(), ablate_rows_eager(strided.float(), unit.float(), 2.0, None),
+        rtol=tol, atol=tol * 8,
+    )  # fmt: skip

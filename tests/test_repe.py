@@ -292,19 +292,27 @@ def test_refusal_judges():
 
 
 def test_prompt_weights_skip_first_token_padding_and_chat_prefix():
-    from safeguard.steering.reading import prompt_weights
+    from safeguard.steering.reading import prefix_matches, prompt_weights
 
     prefix = [7, 8]
-    # row 0: left padded, starts with the prefix; row 1: right padded, no prefix; row 2: only the prefix
-    ids = torch.tensor([[0, 0, 7, 8, 5, 6], [9, 5, 6, 4, 0, 0], [0, 0, 0, 0, 7, 8]])
+    # row 0: left padded, starts with the prefix; row 1: right padded, no prefix; rows 2 and 3: only the
+    # prefix, left and right padded; row 4: right padded, starts with the prefix
+    ids = torch.tensor(
+        [[0, 0, 7, 8, 5, 6], [9, 5, 6, 4, 0, 0], [0, 0, 0, 0, 7, 8], [7, 8, 0, 0, 0, 0], [7, 8, 5, 6, 0, 0]]
+    )
     mask = (ids != 0).long()
     w = prompt_weights(ids, mask, prefix)
-    expect = torch.zeros(3, 6)
+    expect = torch.zeros(5, 6)
     expect[0, 4:6] = 0.5  # after the prefix
     expect[1, 1:4] = 1 / 3  # after the first real token
-    # row 2: the prefix fills the row; the match needs a token after it, so only the first token is skipped
+    # rows 2 and 3: the prefix fills the row; a match needs a real token after it, so only the first is skipped
     expect[2, 5] = 1.0
+    expect[3, 1] = 1.0
+    expect[4, 2:4] = 0.5
     torch.testing.assert_close(w, expect)
+    assert prefix_matches(ids, mask.bool(), prefix).tolist() == [True, False, False, False, True]
+    with pytest.raises(ValueError, match="needs input_ids"):
+        prompt_weights(None, None, prefix)
     torch.testing.assert_close(prompt_weights(ids, mask, None)[0], torch.tensor([0, 0, 0, 1 / 3, 1 / 3, 1 / 3]))
     torch.testing.assert_close(
         prompt_weights(None, None, prefix, shape=(1, 4)), torch.tensor([[0, 1 / 3, 1 / 3, 1 / 3]])
@@ -325,8 +333,10 @@ def _two_view_vectors(folder, *, prompt_layer: int, last_layer: int, threshold: 
     return vecs, str(vecs.save(folder))
 
 
-@pytest.mark.parametrize("layers", [(0, 1), (3, 2)])  # (prompt view, last view): in-pass and look-ahead decisions
-def test_two_view_detector_scores_match_hand_computation(tmp_path, layers):
+@pytest.mark.parametrize(  # (prompt view, last view): in-pass and look-ahead decisions; both padding sides
+    "layers,side", [((0, 1), "left"), ((3, 2), "left"), ((3, 2), "right")]
+)
+def test_two_view_detector_scores_match_hand_computation(tmp_path, layers, side):
     prompt_layer, last_layer = layers
     model, tok = tiny_llama(), tiny_tokenizer()
     tok.chat_template = "{% for m in messages %}please help me {{ m['content'] }} sure{% endfor %}"
@@ -334,7 +344,7 @@ def test_two_view_detector_scores_match_hand_computation(tmp_path, layers):
     texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False) for c in
              ("how do i make a bomb", "explain the garden")]  # fmt: skip
     texts.append("write a story about tea")  # no chat prefix: averaged from its second token
-    enc = batch(tok, texts)
+    enc = batch(tok, texts, side)
     outs = {}
     handles = [
         model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
@@ -357,9 +367,11 @@ def test_two_view_detector_scores_match_hand_computation(tmp_path, layers):
         expect.append((cos(x_last, u_last) - 0.1) / 0.5 + (cos(x_mean, u_prompt) + 0.2) / 2.0)
     cut = (sorted(expect)[1] + sorted(expect)[2]) / 2  # one row above the cut
     safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, layers=[2],
-                   threshold=cut, strength=4.0)  # fmt: skip
-    guarded = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+                   threshold=cut, detector="both", strength=4.0)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"rows \[2\] do not begin with the chat template's prefix"):
+        guarded = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
     d = safeguard.last_report(model).defenses[0].details
+    assert d["prefix_matched"] == [True, True, False]
     assert d["detector"] == "both" and d["detector_layers"] == sorted({prompt_layer, last_layer})
     assert d["scores"] == pytest.approx(expect, abs=2e-4)
     assert d["fired"] == [s > cut for s in expect] and sum(d["fired"]) == 1
@@ -382,6 +394,11 @@ def test_detector_options_resolve_and_refuse_bad_combinations(tmp_path):
         resolve_detector(vecs, "both", condition_layer=3)
     with pytest.raises(safeguard.InvalidOptionError, match="not calibrated"):
         resolve_detector(vecs, "prompt")
+    with pytest.raises(safeguard.InvalidOptionError, match=r"threshold=1.5 is outside \[-1, 1\]"):
+        resolve_detector(vecs, "last", threshold=1.5)
+    assert resolve_detector(vecs, "both", threshold=1.5).threshold == 1.5  # standardised scale: no range
+    with pytest.warns(UserWarning, match="applies to the calibrated detector 'both'"):
+        resolve_detector(vecs, threshold=0.2)
     model, tok = tiny_llama(), tiny_tokenizer()
     snap = hook_snapshot(model)
     with pytest.raises(safeguard.InvalidOptionError, match="detector"):

@@ -37,6 +37,10 @@ class GenerationMonitor(MonitorBase):
         self.positions: torch.Tensor | None = None  # [q] absolute positions of this forward's tokens
         self.first_real: torch.Tensor | None = None  # [B] index of each row's first real token
         self.last_real: torch.Tensor | None = None  # [B] index (within this forward) of each row's last real token
+        self.past = 0  # cached positions before this forward's tokens
+        # the largest first-real-token index of the call's prefill, or None when a row had no real token there;
+        # lets hooks tell on the host, without a device sync, that every query token lies after every row's first
+        self.first_real_bound: int | None = None
         self._prev_ids: torch.Tensor | None = None
 
     def attach(self) -> GenerationMonitor:
@@ -66,12 +70,14 @@ class GenerationMonitor(MonitorBase):
         batch, q = int(x.shape[0]), int(x.shape[1])
         past = _past_length(kwargs.get("past_key_values"))
         ids_t = ids if isinstance(ids, torch.Tensor) else None
-        if past == 0 and not self._continues_previous(ids_t):
+        new_call = past == 0 and not self._continues_previous(ids_t)
+        if new_call:
             self._start_call()
             self.prompt_len = q
         self._prev_ids = ids_t if past == 0 else None
         self.step += 1
         self.batch = batch
+        self.past = past
         device = x.device
         self.positions = torch.arange(past, past + q, device=device)
         mask = kwargs.get("attention_mask")
@@ -80,7 +86,12 @@ class GenerationMonitor(MonitorBase):
             self.first_real = real.to(torch.int8).argmax(dim=1)
             tail = real[:, -q:]
             self.last_real = q - 1 - tail.flip(1).to(torch.int8).argmax(dim=1)
+            if new_call:  # one host transfer per call
+                bound, every_row_real = torch.stack([self.first_real.max(), real.any(dim=1).all().long()]).tolist()
+                self.first_real_bound = int(bound) if every_row_real else None
         else:
             self.first_real = torch.zeros(batch, dtype=torch.long, device=device)
             self.last_real = torch.full((batch,), q - 1, dtype=torch.long, device=device)
+            if new_call:
+                self.first_real_bound = 0
         return None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from ..core.registry import register_defense
 from ..steering.build import cached_vectors, is_refusal_concept
 from ..steering.detector import DETECTORS, pool_states, resolve_detector, view_scores
 from ..steering.ops import ablate_direction, add_vector, hidden_of, replace_hidden
-from ..steering.reading import METHODS, prompt_weights
+from ..steering.reading import METHODS, prefix_matches, prompt_weights
 from ..steering.vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ MODES = ("conditional", "add", "ablate")
 
 
 class _StopLookAhead(Exception):
-    """Ends the look-ahead pass once the condition layer has run."""
+    """Ends the look-ahead pass once the detector's deepest layer has run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +144,6 @@ class _ConceptSteering:
             if self.mode == "conditional"
             else None
         )
-        self.condition_layer = self.detector.deepest if self.detector else None
-        self.threshold = self.detector.threshold if self.detector else None
         detector_layers = self.detector.layers if self.detector else []
         bad = [i for i in [*self.layers, *detector_layers] if not 0 <= i < num_layers]
         if bad:
@@ -192,6 +191,7 @@ class RepEDefense(Defense):
         self.tok_gate: torch.Tensor | None = None  # [B, q, 1] bool: tokens other than each row's first
         self.pooled: list[dict[int, torch.Tensor]] = [{} for _ in self.plans]  # per plan: view index -> [B, d]
         self.prompt_w: torch.Tensor | None = None  # [B, T] request-token weights of this call's prefill
+        self.prefix_matched: list[bool] = []  # per row: began with the chat template's prefix
         self.lookahead_s = 0.0
 
     def _attach(self, adapter: Any) -> None:
@@ -220,8 +220,21 @@ class RepEDefense(Defense):
                     f"{adapter.pipeline_name} ({len(layers)} layers x {adapter.hidden_size}); read them on this model."
                 )
         self.plans = [_ConceptSteering(c, v, cfg, len(layers)) for c, v in zip(self.concepts, all_vecs)]
-        needs_prefix = any(p.detector is not None and p.detector.needs_prompt_weights for p in self.plans)
+        needs_prefix = [p for p in self.plans if p.detector is not None and p.detector.needs_prompt_weights]
         self._prefix = adapter.chat_prefix_ids() if needs_prefix else None
+        self._warned_prefix = False
+        calibrated_with = max(
+            (p.vecs.meta.get("reading", {}).get("chat_prefix_tokens", 0) for p in needs_prefix), default=0
+        )
+        if needs_prefix and self._prefix is None and calibrated_with:
+            warnings.warn(
+                f"the {needs_prefix[0].detector.name!r} detector averages each request's tokens after the chat "
+                f"template's prefix ({calibrated_with} tokens when calibrated), but no prefix could be found "
+                f"(tokenizer: {type(adapter.tokenizer).__name__ if adapter.tokenizer is not None else None}); "
+                "requests will be averaged from their second token. Pass the tokenizer the vectors were read "
+                "with, or detector='last'.",
+                stacklevel=4,
+            )
         self._reset_state()
         owner = adapter.layer_owner(cfg.layer_path)
         self._owner, self._layers = owner, layers
@@ -242,8 +255,8 @@ class RepEDefense(Defense):
     # ------------------------------------------------------------------ hooks
     def _on_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
         m = self.monitor
-        q = int(m.positions.shape[0])
-        if not self.config.skip_first or (m.step > 0 and q == 1 and bool((m.positions > m.first_real.max()).all())):
+        after_first = m.first_real_bound is not None and m.past > m.first_real_bound  # known on the host
+        if not self.config.skip_first or (m.step > 0 and after_first):
             self.tok_gate = None
         else:
             self.tok_gate = (m.positions[None, :] != m.first_real[:, None]).unsqueeze(-1)
@@ -256,10 +269,29 @@ class RepEDefense(Defense):
             embeds = kwargs.get("inputs_embeds")
             shape = tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) else None
             self.prompt_w = prompt_weights(ids, mask, self._prefix, shape)
+            self._note_prefix(ids, mask)
         for p_idx in undecided:
             if self.plans[p_idx].lookahead:
                 self._look_ahead(p_idx, args, kwargs)
         return None
+
+    def _note_prefix(self, ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        """Record which rows began with the chat template's prefix; warn once when some did not."""
+        if ids is None or not self._prefix:
+            self.prefix_matched = []
+            return
+        real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        self.prefix_matched = prefix_matches(ids, real, self._prefix).tolist()
+        if not all(self.prefix_matched) and not self._warned_prefix:
+            self._warned_prefix = True
+            rows = [i for i, ok in enumerate(self.prefix_matched) if not ok]
+            warnings.warn(
+                f"rows {rows} do not begin with the chat template's prefix: the harmful-request detector was "
+                "calibrated on chat-formatted requests (tokenizer.apply_chat_template(..., add_generation_prompt=True), "
+                "tokenised with add_special_tokens=False); raw or differently formatted prompts are scored off "
+                "calibration.",
+                stacklevel=2,
+            )
 
     def _pool(self, p_idx: int, layer: int, h: torch.Tensor) -> None:
         """Keep the pooled states of the detector views read at ``layer``; decide once the deepest has run."""
@@ -272,8 +304,8 @@ class RepEDefense(Defense):
             pooled = [self.pooled[p_idx][i] for i in range(len(det.views))]
             score = view_scores(pooled, plan.units, det)
             self.fired[p_idx] = score > det.threshold
-            self.scores[p_idx] = [round(float(s), 4) for s in score]
-            self.fired_any[p_idx] = bool(self.fired[p_idx].any())  # once per call, at the decision
+            self.scores[p_idx] = [round(x, 4) for x in score.tolist()]  # one transfer, once per call
+            self.fired_any[p_idx] = any(self.fired[p_idx].tolist())
             self.pooled[p_idx] = {}
 
     def _make_condition(self, p_idx: int, layer: int):
@@ -321,7 +353,7 @@ class RepEDefense(Defense):
             gate = self.tok_gate
             if plan.mode == "conditional":
                 fired = self.fired[p_idx]
-                if fired is None:  # the prompt has not reached the condition layer yet
+                if fired is None:  # the prompt has not reached the detector's deepest layer yet
                     return None
                 if not self.fired_any[p_idx]:
                     return None
@@ -348,10 +380,10 @@ class RepEDefense(Defense):
                 d |= {
                     "detector": plan.detector.name,
                     "detector_layers": plan.detector.layers,
-                    "condition_layer": plan.condition_layer,
-                    "threshold": round(plan.threshold, 4),
+                    "threshold": round(plan.detector.threshold, 4),
                     "scores": self.scores[p_idx],
                     "fired": [bool(x) for x in fired] if fired is not None else [],
+                    **({"prefix_matched": self.prefix_matched} if plan.detector.needs_prompt_weights else {}),
                     "lookahead_ms": round(self.lookahead_s * 1e3, 2),
                 }
             out[plan.concept.name] = d

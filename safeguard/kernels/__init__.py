@@ -8,9 +8,16 @@ decides per call:
 - ``SAFEGUARD_DISABLE_KERNELS=1`` in the environment forces the eager reference (read at every
   call, so a benchmark or an A/B comparison can switch it without restarting);
 - Triton must be importable (the ``gpu`` extra, or ``pip install triton``);
-- CUDA tensors run the compiled kernel; CPU tensors run it only under Triton's interpreter
-  (``TRITON_INTERPRET=1``, set before the first kernel call), which is how the parity tests run
-  without a GPU. Anything else takes the eager path.
+- CUDA tensors run the compiled kernel, on the tensors' device; CPU tensors run it only under
+  Triton's interpreter (``TRITON_INTERPRET=1``, set before anything in the process imports
+  triton), which is how the parity tests run without a GPU. Anything else takes the eager path;
+- inputs autograd records through take the eager path (the kernels have no backward).
+
+Parity: in float32 the two paths agree to rounding (tested). The kernels compute in float32
+whatever the storage dtype, while the eager reference rounds after every op in float16 /
+bfloat16, so in half precision the two paths differ by more than rounding: an SLD element near
+its threshold can fall on the other side, and greedy tokens after a ``repe`` ablation can diverge.
+Compare half-precision runs with and without ``SAFEGUARD_DISABLE_KERNELS=1`` with that in mind.
 
 Kernels:
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import block_size, use_triton
+from .dispatch import block_size, num_warps, on_device, use_triton
 
 MAX_TRITON_HIDDEN = 1 << 14  # one row per program: wider states take the eager path
 
@@ -41,8 +41,12 @@ def ablate_rows(h: torch.Tensor, unit: torch.Tensor, strength: float, gate: torc
         :func:`~safeguard.kernels.use_triton` says so, else :func:`ablate_rows_eager`.
     """
     d = h.shape[-1]
-    if not use_triton(h) or h.numel() == 0 or d > MAX_TRITON_HIDDEN or unit.shape != (d,):
-        return ablate_rows_eager(h, unit, strength, gate)
+    alike = unit.shape == (d,) and unit.dtype == h.dtype and unit.device == h.device
+    if gate is not None:
+        alike = alike and gate.device == h.device and gate.shape[-1] == 1
+    tensors = [h, unit] if gate is None else [h, unit, gate]
+    if not alike or h.numel() == 0 or d > MAX_TRITON_HIDDEN or not use_triton(*tensors):
+        return ablate_rows_eager(h, unit, strength, gate)  # also for mismatches: eager raises the usual error
     from ._triton import ablate_kernel
 
     rows = h.numel() // d
@@ -51,14 +55,10 @@ def ablate_rows(h: torch.Tensor, unit: torch.Tensor, strength: float, gate: torc
     if gate is not None:
         g = gate.expand(*h.shape[:-1], 1).reshape(rows).to(h.dtype).contiguous()
     out = torch.empty_like(x)
-    ablate_kernel[(rows,)](
-        x,
-        unit.contiguous(),
-        x if g is None else g,
-        out,
-        d,
-        float(strength),
-        HAS_GATE=g is not None,
-        BLOCK=block_size(d),
-    )
+    block = block_size(d)
+    with on_device(h):
+        ablate_kernel[(rows,)](
+            x, unit.contiguous(), x if g is None else g, out, d, float(strength), HAS_GATE=g is not None, BLOCK=block,
+            num_warps=num_warps(block),
+        )  # fmt: skip
     return out.view(h.shape)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import block_size, cdiv, use_triton
+from .dispatch import block_size, cdiv, on_device, use_triton
 
 
 def sld_guidance_eager(
@@ -69,17 +69,20 @@ def sld_guidance(
         ...                       momentum_beta=0.4)  # doctest: +SKIP
     """
     params = dict(sld_scale=sld_scale, threshold=threshold, momentum_scale=momentum_scale, momentum_beta=momentum_beta)
-    if not use_triton(c) or not (u.shape == c.shape == k.shape) or c.numel() == 0:
-        return sld_guidance_eager(u, c, k, m, **params)
+    inputs = [u, c, k] if m is None else [u, c, k, m]
+    alike = all(x.shape == c.shape and x.dtype == c.dtype and x.device == c.device for x in inputs)
+    if not alike or c.numel() == 0 or not use_triton(*inputs):
+        return sld_guidance_eager(u, c, k, m, **params)  # also where shapes differ: eager raises the usual error
     from ._triton import sld_kernel
 
     u, c, k = u.contiguous(), c.contiguous(), k.contiguous()
-    m = torch.zeros_like(c) if m is None else m.to(c.dtype).contiguous()
+    m = torch.zeros_like(c) if m is None else m.contiguous()
     out, m_out = torch.empty_like(c), torch.empty_like(c)
     n = c.numel()
     block = block_size(min(n, 1024), cap=1024)
-    sld_kernel[(cdiv(n, block),)](
-        u, c, k, m, out, m_out, n, float(sld_scale), float(threshold), float(momentum_scale), float(momentum_beta),
-        BLOCK=block,
-    )  # fmt: skip
+    with on_device(c):
+        sld_kernel[(cdiv(n, block),)](
+            u, c, k, m, out, m_out, n, float(sld_scale), float(threshold), float(momentum_scale),
+            float(momentum_beta), BLOCK=block,
+        )  # fmt: skip
     return out, m_out

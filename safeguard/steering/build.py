@@ -1,9 +1,11 @@
 """Reading and calibrating the steering vectors of one concept on one model.
 
-``"harmful"`` (the built-in LLM concept) gets two direction sets: ``concept``, harmful minus
-harmless requests read at the last prompt token (the condition: is this a harmful request?),
-and ``behaviour``, refusing minus complying replies read as the mean over the reply's tokens
-(what to push toward). Any other concept is a *topic*: its ``concept`` direction contrasts
+``"harmful"`` (the built-in LLM concept) gets four direction sets: ``concept``, harmful minus
+harmless requests read at the last prompt token (their mean difference); ``condition`` and
+``condition_prompt``, shrunk Fisher discriminants of the last-token states and of the mean over
+each request's own tokens (the two views of the detector that decides whether a request is
+harmful, :mod:`safeguard.steering.detector`); and ``behaviour``, refusing minus complying replies
+read as the mean over the reply's tokens (what to push toward). Any other concept is a *topic*: its ``concept`` direction contrasts
 template prompts about the topic with the same templates about neutral topics (the project's
 topic phrases for ``violence``, ``weapons``, ``drugs``... or the concept's own phrases).
 

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -74,13 +75,16 @@ class Detector:
 
 
 def pool_states(h: torch.Tensor, pool: str, last_index: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """``[B, d]`` float32: the last real token's state, or the weighted mean over the request's tokens."""
-    h = h.detach().float()
+    """``[B, d]`` float32: the last real token's state, or the weighted mean over the request's tokens.
+
+    Picks or averages in ``h``'s own dtype (no float32 copy of the whole ``[B, T, d]`` state), then converts.
+    """
+    h = h.detach()
     if pool == "last":
-        return h[torch.arange(h.shape[0], device=h.device), last_index]
+        return h[torch.arange(h.shape[0], device=h.device), last_index].float()
     if weights is None:
         raise ValueError("the 'prompt' pooling needs the prompt weights of this forward")
-    return torch.einsum("bt,btd->bd", weights.to(h.device), h)
+    return torch.einsum("bt,btd->bd", weights.to(device=h.device, dtype=h.dtype), h).float()
 
 
 def view_scores(pooled: Sequence[torch.Tensor], units: Sequence[torch.Tensor], det: Detector) -> torch.Tensor:
@@ -116,6 +120,20 @@ def resolve_detector(
                 "drop condition_layer or use detector='last'."
             )
         chosen = "last"
+    if threshold is not None and chosen != "both" and not -1.0 <= threshold <= 1.0:
+        raise InvalidOptionError(
+            f"threshold={threshold} is outside [-1, 1]: detector {chosen!r} scores a cosine; give a cosine "
+            "threshold, or detector='both' for a threshold on the sum of standardised cosines."
+        )
+    if threshold is not None and name is None and chosen != "last":
+        entry = table.get(chosen, {})
+        warnings.warn(
+            f"threshold={threshold} applies to the calibrated detector {chosen!r}"
+            + (" (a sum of standardised cosines" if chosen == "both" else " (a cosine of the request-token mean")
+            + f"; calibrated threshold {entry.get('threshold', float('nan')):.3f}). Pass detector={chosen!r} to "
+            "say so, or detector='last' for a cosine threshold on the last prompt token.",
+            stacklevel=4,
+        )
     if chosen == "last":
         layer = int(condition_layer if condition_layer is not None else cal.get("condition_layer", 0))
         base = "condition" if "condition" in vecs.directions else "concept"

@@ -38,32 +38,47 @@ POSITIONS = ("last", "mean", "prompt")
 METHODS = ("mean_diff", "pca")
 
 
+def prefix_matches(input_ids: torch.Tensor, real: torch.Tensor, prefix_ids: Sequence[int] | None) -> torch.Tensor:
+    """``[B]`` bool: the row's real tokens begin with ``prefix_ids`` and at least one real token follows them."""
+    B, T = int(input_ids.shape[0]), int(input_ids.shape[1])
+    P = len(prefix_ids) if prefix_ids else 0
+    if P == 0 or P >= T:
+        return torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    first = real.to(torch.int8).argmax(dim=1)[:, None]
+    idx = (first + torch.arange(P, device=input_ids.device)[None, :]).clamp(max=T - 1)
+    prefix = torch.as_tensor(list(prefix_ids), device=input_ids.device, dtype=input_ids.dtype)
+    same = (input_ids.gather(1, idx) == prefix[None, :]).all(dim=1)
+    return same & (real.sum(dim=1) > P)
+
+
 def prompt_weights(
-    input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, prefix_ids: Sequence[int] | None, shape=None
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    prefix_ids: Sequence[int] | None,
+    shape: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """``[B, T]`` float32 weights that average each row's request tokens (rows sum to 1, or 0 when empty).
 
     A row's request tokens are its real tokens (``attention_mask``; left or right padding) after its first one
-    and, when the row's real tokens begin with ``prefix_ids`` (the chat template's fixed prefix), after that
-    prefix. Without ``input_ids`` (``inputs_embeds`` calls) no prefix can be matched; ``shape`` then gives
-    ``(B, T)`` when there is no mask either.
+    and, when the row's real tokens begin with ``prefix_ids`` (the chat template's fixed prefix) and go on past
+    it (:func:`prefix_matches`), after that prefix. Without ``input_ids`` (``inputs_embeds`` calls) no prefix can
+    be matched; ``shape`` then gives ``(B, T)`` when there is no mask either.
     """
     ref = input_ids if input_ids is not None else attention_mask
     if ref is not None:
         B, T = int(ref.shape[0]), int(ref.shape[1])
         device = ref.device
-    else:
+    elif shape is not None:
         (B, T), device = shape, torch.device("cpu")
+    else:
+        raise ValueError("prompt_weights needs input_ids, attention_mask or shape=(batch, length).")
     real = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
     pos = torch.arange(T, device=device)[None, :]
     first = real.to(torch.int8).argmax(dim=1)[:, None]
     sel = real & (pos > first)
-    P = len(prefix_ids) if prefix_ids else 0
-    if input_ids is not None and 0 < P < T:
-        idx = (first + torch.arange(P, device=device)[None, :]).clamp(max=T - 1)
-        prefix = torch.as_tensor(list(prefix_ids), device=device, dtype=input_ids.dtype)
-        match = (input_ids.gather(1, idx) == prefix[None, :]).all(dim=1, keepdim=True) & (first + P < T)
-        sel &= ~match | (pos >= first + P)
+    if input_ids is not None and prefix_ids:
+        match = prefix_matches(input_ids, real, prefix_ids)[:, None]
+        sel &= ~match | (pos >= first + len(prefix_ids))
     w = sel.float()
     return w / w.sum(dim=1, keepdim=True).clamp_min(1.0)
 

@@ -41,8 +41,8 @@ class SteeringVectors:
         scales: set name -> ``[num_layers]`` mean-difference length along each direction.
         norms: ``[num_layers]`` mean residual-stream norm at each layer output.
         meta: JSON-able facts: concept, reading method and position, model fingerprint, data
-            split sizes, and ``calibration`` (condition layer, threshold, behaviour layers, strength,
-            and the validation table they were picked from).
+            split sizes, and ``calibration`` (the detectors with their layers and thresholds and the
+            chosen one, behaviour layers, strength, and the validation tables they were picked from).
     """
 
     directions: dict[str, torch.Tensor]
