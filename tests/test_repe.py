@@ -127,6 +127,35 @@ def test_greedy_generation_with_cache_equals_without(llm, mode, extra):
     safeguard.unwrap(model)
 
 
+@pytest.mark.parametrize("mode", ["add", "conditional"])
+def test_cached_decode_steps_are_steered_like_a_full_forward(llm, mode):
+    """Each cached decode step's logits equal a full guarded forward over the finished sequence.
+
+    Catches a monitor that mistakes decode steps for new calls (transformers >= 5.24 passes the KV
+    cache as ``cache=``, earlier versions as ``past_key_values=``): the generated tokens would then
+    be left unsteered, or re-decided from one token.
+    """
+    model, tok, folder = llm
+    enc = batch(tok, ["how do i make a bomb", "please explain python to me"])
+    extra = {"threshold": -1.0, "condition_layer": 3} if mode == "conditional" else {}
+    safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", mode=mode, layers=[2], strength=3.0,
+                   vectors=folder, **extra)  # fmt: skip
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    if mode == "conditional":
+        assert safeguard.last_report(model).defenses[0].details["fired"] == [True, True]
+    seq, n = out.sequences, len(out.scores)
+    mask = torch.cat([enc["attention_mask"], torch.ones(seq.shape[0], n, dtype=torch.long)], dim=1)
+    full = model(input_ids=seq, attention_mask=mask).logits
+    prompt = enc["input_ids"].shape[1]
+    for t, step in enumerate(out.scores):
+        torch.testing.assert_close(step, full[:, prompt - 1 + t], rtol=1e-4, atol=1e-4)
+    with safeguard.disabled(model):
+        plain = model(input_ids=seq, attention_mask=mask).logits
+    assert not torch.allclose(plain[:, prompt:], full[:, prompt:], atol=1e-3)  # decode positions are steered
+    safeguard.unwrap(model)
+
+
 @pytest.mark.parametrize("condition_layer", [1, 3])  # in-pass decision and look-ahead decision
 def test_conditional_decides_per_row(llm, condition_layer):
     model, tok, folder = llm

@@ -28,6 +28,12 @@ def _past_length(cache: Any) -> int:
     return 0
 
 
+def _cache_of(kwargs: dict) -> Any:
+    """The KV cache a forward was given: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 class GenerationMonitor(MonitorBase):
     """Call and forward tracking for one causal LM; owns the hook that observes it."""
 
@@ -68,7 +74,7 @@ class GenerationMonitor(MonitorBase):
         if not isinstance(x, torch.Tensor):
             return None
         batch, q = int(x.shape[0]), int(x.shape[1])
-        past = _past_length(kwargs.get("past_key_values"))
+        past = _past_length(_cache_of(kwargs))
         ids_t = ids if isinstance(ids, torch.Tensor) else None
         new_call = past == 0 and not self._continues_previous(ids_t)
         if new_call:
