@@ -40,19 +40,52 @@ class GenerationMonitor(MonitorBase):
     def __init__(self, adapter: Any):
         super().__init__(adapter)
         self.prompt_len = 0
-        self.positions: torch.Tensor | None = None  # [q] absolute positions of this forward's tokens
-        self.first_real: torch.Tensor | None = None  # [B] index of each row's first real token
-        self.last_real: torch.Tensor | None = None  # [B] index (within this forward) of each row's last real token
         self.past = 0  # cached positions before this forward's tokens
+        self.q = 0  # query tokens of this forward
         # the largest first-real-token index of the call's prefill, or None when a row had no real token there;
         # lets hooks tell on the host, without a device sync, that every query token lies after every row's first
         self.first_real_bound: int | None = None
         self._prev_ids: torch.Tensor | None = None
+        self.batch = 0
+        self._device = torch.device("cpu")
+        self._mask: torch.Tensor | None = None
+        self._derived: dict[str, torch.Tensor] = {}
 
     def attach(self) -> GenerationMonitor:
         owner = self.adapter.layer_owner()
         self.hooks.forward_pre_hook(owner, "base_model", self._on_forward, prepend=True)
         return self
+
+    # Derived per-forward tensors are built lazily: decode steps of a cached generate usually need none of them,
+    # so a guarded decode step pays no tensor op here.
+    def _derive(self, name: str) -> torch.Tensor:
+        if name not in self._derived:
+            q, batch, device, mask = self.q, self.batch, self._device, self._mask
+            if mask is not None:
+                real = mask.to(torch.bool)
+                tail = real[:, -q:]
+                self._derived["first_real"] = real.to(torch.int8).argmax(dim=1)
+                self._derived["last_real"] = q - 1 - tail.flip(1).to(torch.int8).argmax(dim=1)
+            else:
+                self._derived["first_real"] = torch.zeros(batch, dtype=torch.long, device=device)
+                self._derived["last_real"] = torch.full((batch,), q - 1, dtype=torch.long, device=device)
+            self._derived["positions"] = torch.arange(self.past, self.past + q, device=device)
+        return self._derived[name]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``[q]`` absolute positions of this forward's tokens in the padded sequence."""
+        return self._derive("positions")
+
+    @property
+    def first_real(self) -> torch.Tensor:
+        """``[B]`` index of each row's first real token (left or right padding; 0 without a mask)."""
+        return self._derive("first_real")
+
+    @property
+    def last_real(self) -> torch.Tensor:
+        """``[B]`` index, within this forward, of each row's last real token."""
+        return self._derive("last_real")
 
     def _continues_previous(self, ids: torch.Tensor | None) -> bool:
         prev = self._prev_ids
@@ -84,20 +117,16 @@ class GenerationMonitor(MonitorBase):
         self.step += 1
         self.batch = batch
         self.past = past
-        device = x.device
-        self.positions = torch.arange(past, past + q, device=device)
+        self.q = q
+        self._device = x.device
         mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
-            real = mask.to(torch.bool)
-            self.first_real = real.to(torch.int8).argmax(dim=1)
-            tail = real[:, -q:]
-            self.last_real = q - 1 - tail.flip(1).to(torch.int8).argmax(dim=1)
-            if new_call:  # one host transfer per call
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch else None
+        self._derived = {}  # positions / first_real / last_real, built on first read
+        if new_call:  # one host transfer per call
+            if self._mask is not None:
+                real = self._mask.to(torch.bool)
                 bound, every_row_real = torch.stack([self.first_real.max(), real.any(dim=1).all().long()]).tolist()
                 self.first_real_bound = int(bound) if every_row_real else None
-        else:
-            self.first_real = torch.zeros(batch, dtype=torch.long, device=device)
-            self.last_real = torch.full((batch,), q - 1, dtype=torch.long, device=device)
-            if new_call:
+            else:
                 self.first_real_bound = 0
         return None
