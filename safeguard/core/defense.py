@@ -122,6 +122,19 @@ class Defense:
     def _reset_state(self) -> None:
         """Reset subclass per-call state."""
 
+    @property
+    def report(self) -> DefenseReport:
+        """This call's report; details that a subclass builds from its per-call state are filled in on read."""
+        self._fill_report(self._report)
+        return self._report
+
+    @report.setter
+    def report(self, value: DefenseReport) -> None:
+        self._report = value
+
+    def _fill_report(self, report: DefenseReport) -> None:
+        """Fill ``report`` from per-call state (called on each read of :attr:`report`, never by hooks)."""
+
     def timed(self, fn: Callable) -> Callable:
         """Wrap a hook: skip it when the guard is off, and add its wall time to the report."""
 
@@ -134,12 +147,13 @@ class Defense:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.report.time_s += time.perf_counter() - t0
+                self._report.time_s += time.perf_counter() - t0
 
         return hook
 
     def mark_step(self) -> None:
         """Record that this defense changed something on the current step."""
         step = self.monitor.step if self.monitor is not None else -1
-        if not self.report.acted_steps or self.report.acted_steps[-1] != step:
-            self.report.acted_steps.append(step)
+        acted = self._report.acted_steps  # not the property: hooks never rebuild a subclass's details
+        if not acted or acted[-1] != step:
+            acted.append(step)

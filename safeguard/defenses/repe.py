@@ -187,12 +187,14 @@ class RepEDefense(Defense):
     def _reset_state(self) -> None:
         self.fired: list[torch.Tensor | None] = [None] * len(self.plans)
         self.fired_any: list[bool] = [False] * len(self.plans)  # host copy: edit hooks never sync the device
+        self.fired_all: list[bool] = [False] * len(self.plans)
         self.scores: list[list[float]] = [[] for _ in self.plans]
         self.tok_gate: torch.Tensor | None = None  # [B, q, 1] bool: tokens other than each row's first
         self.pooled: list[dict[int, torch.Tensor]] = [{} for _ in self.plans]  # per plan: view index -> [B, d]
         self.prompt_w: torch.Tensor | None = None  # [B, T] request-token weights of this call's prefill
         self.prefix_matched: list[bool] = []  # per row: began with the chat template's prefix
         self.lookahead_s = 0.0
+        self.row_gates: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # fired rows as [B, 1, 1] in a dtype
 
     def _attach(self, adapter: Any) -> None:
         cfg: RepEConfig = self.config  # type: ignore[assignment]
@@ -305,7 +307,8 @@ class RepEDefense(Defense):
             score = view_scores(pooled, plan.units, det)
             self.fired[p_idx] = score > det.threshold
             self.scores[p_idx] = [round(x, 4) for x in score.tolist()]  # one transfer, once per call
-            self.fired_any[p_idx] = any(self.fired[p_idx].tolist())
+            rows = self.fired[p_idx].tolist()
+            self.fired_any[p_idx], self.fired_all[p_idx] = any(rows), all(rows)
             self.pooled[p_idx] = {}
 
     def _make_condition(self, p_idx: int, layer: int):
@@ -357,10 +360,18 @@ class RepEDefense(Defense):
                     return None
                 if not self.fired_any[p_idx]:
                     return None
-                row = fired.view(-1, 1, 1)
-                gate = row if gate is None else gate & row
+                if gate is None and self.fired_all[p_idx]:  # decode steps, every row steered: no gate
+                    g = None
+                elif gate is None:  # decode steps: the rows' gate alone, converted once per call and dtype
+                    key = (p_idx, h.dtype)
+                    if key not in self.row_gates:
+                        self.row_gates[key] = fired.view(-1, 1, 1).to(h.dtype)
+                    g = self.row_gates[key]
+                else:
+                    g = (gate & fired.view(-1, 1, 1)).to(h.dtype)
+            else:
+                g = None if gate is None else gate.to(h.dtype)
             vec = plan.tensors(h.device, h.dtype)[layer]
-            g = None if gate is None else gate.to(h.dtype)
             if plan.mode == "ablate":
                 new = ablate_direction(h, vec, plan.strength, g)
             else:
@@ -389,13 +400,6 @@ class RepEDefense(Defense):
             out[plan.concept.name] = d
         return out[self.plans[0].concept.name] if len(self.plans) == 1 else out
 
-    @property
-    def report(self):  # details are built on read, from this call's state
-        rep = self._report
+    def _fill_report(self, report) -> None:  # details are built on read, from this call's state
         if self.plans:
-            rep.details = self._details()
-        return rep
-
-    @report.setter
-    def report(self, value):
-        self._report = value
+            report.details = self._details()
