@@ -53,10 +53,10 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("SAFEGUARD_DISABLE_KERNELS", raising=False)
     assert use_triton(cpu) is False  # CPU without the interpreter: eager
+    if K.triton_available():
+        import triton.language  # noqa: F401  (imported without the interpreter: it cannot run on CPU now)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if K.triton_available():
-        import triton.language  # noqa: F401  (imported here without the interpreter: it cannot run on CPU now)
-
         monkeypatch.setattr(K.dispatch, "_warned_interpreter", False)
         with pytest.warns(UserWarning, match="set after triton was imported"):
             assert use_triton(cpu) is False

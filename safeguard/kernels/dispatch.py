@@ -65,14 +65,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     only under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton was first imported).
     Other devices (MPS, XPU...): the eager reference.
     """
-    t = tensors[0]
+    kind = tensors[0].device.type
+    # the cheapest test first: a CPU tensor outside the interpreter (every CPU decode step) reads one variable
+    if kind != "cuda" and (kind != "cpu" or not interpreting()):
+        return False
     if kernels_disabled() or not triton_available():
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return False
-    if t.device.type == "cuda":
-        return True
-    return t.device.type == "cpu" and interpreting() and interpreter_ready()
+    return kind == "cuda" or interpreter_ready()
 
 
 def num_warps(block: int) -> int:
