@@ -62,7 +62,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # benchmark the checkout this script lives in
     sys.path.insert(0, str(REPO))
 
-SCHEMA = "safeguard.benchmarks.llm/2"
+SCHEMA = "safeguard.benchmarks.llm/3"  # 3: hook_cost
 CONCEPT = "harmful"
 SHIPPED_VECTORS = REPO / "safeguard" / "models" / "weights" / "repe" / "harmful-mean_diff"
 PEER = "steering-vectors-add"
@@ -284,6 +284,83 @@ def run_batch(b: Bench, batch: int, variants: list[str], args: argparse.Namespac
             bar.update(1)
 
 
+# ------------------------------------------------------------------------------------------------ hook cost
+def _module_hooks(model: Any) -> list[tuple[Any, Any, str, bool]]:
+    """Every forward pre-hook and forward hook on ``model``'s modules: ``(module, fn, kind, with_kwargs)``."""
+    out = []
+    for mod in model.modules():
+        for hid, fn in mod._forward_pre_hooks.items():
+            out.append((mod, fn, "pre", hid in mod._forward_pre_hooks_with_kwargs))
+        for hid, fn in mod._forward_hooks.items():
+            out.append((mod, fn, "post", hid in mod._forward_hooks_with_kwargs))
+    return out
+
+
+class HookRunner:
+    """Calls every hook in ``hooks`` once, as a decode step would: the base model's pre-hooks get ``step_kw``, the
+    other modules' hooks get ``h`` as their input and output."""
+
+    def __init__(self, hooks: list[tuple[Any, Any, str, bool]], base: Any, h: torch.Tensor, step_kw: dict):
+        self.hooks, self.base, self.h, self.step_kw = hooks, base, h, step_kw
+
+    def __call__(self) -> None:
+        h = self.h
+        for mod, fn, kind, with_kwargs in self.hooks:
+            args: tuple = () if mod is self.base else (h,)
+            kw = self.step_kw if mod is self.base else {}
+            if kind == "pre":
+                fn(mod, args, kw) if with_kwargs else fn(mod, args)
+            else:
+                fn(mod, args, kw, h) if with_kwargs else fn(mod, args, h)
+
+
+def _cache_kwarg(base: Any) -> str:
+    """The base model's name for the KV cache argument (``cache`` from transformers 5.24, else ``past_key_values``)."""
+    import inspect
+
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def decode_hook_cost(b: Bench, enc: Any, variants: list[str], calls: int, rounds: int) -> dict[str, dict]:
+    """Wall time of the hooks alone on one cached decode step, per variant: median microseconds over ``rounds``.
+
+    Each round and variant: a real prefill through the hooked model (so per-call state such as the conditional
+    guard's decision is set), then the decode step's inputs (the next greedy token, the grown mask, the real KV
+    cache) and a random ``[B, 1, d]`` layer output are handed ``calls`` times to every forward pre-hook and forward
+    hook on the model's modules, in module order: exactly the Python and tensor work the hooks add to a decode step,
+    without the model's own compute. Variants rotate between rounds. Unguarded counts the hooks the model has of
+    its own (none on a plain transformers model).
+    """
+    from safeguard.adapters import CausalLMAdapter
+
+    base = CausalLMAdapter(b.model, b.tok).layer_owner()
+    cache_name = _cache_kwarg(base)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    counts: dict[str, int] = {}
+    for r in range(rounds):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            with b.variant(v):
+                out = b.model(**enc, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+                mask = torch.cat([enc["attention_mask"], torch.ones_like(nxt)], dim=1)
+                step_kw = {"input_ids": nxt, "attention_mask": mask, cache_name: out[cache_name], "use_cache": True}
+                h = torch.randn(nxt.shape[0], 1, b.model.config.hidden_size, device=b.device, dtype=b.model.dtype)
+                one_step = HookRunner(_module_hooks(b.model), base, h, step_kw)
+                counts[v] = len(one_step.hooks)
+                one_step()  # warm
+                _latency()._sync(b.device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    one_step()
+                _latency()._sync(b.device)
+                times[v].append((time.perf_counter() - t0) / calls * 1e6)
+    return {v: dict(hooks=counts[v], us_median=statistics.median(t), us_min=min(t), us_max=max(t), rounds=t)
+            for v, t in times.items()}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 def _mmm(values: list[float]) -> dict[str, float]:
     return dict(median=statistics.median(values), min=min(values), max=max(values))
@@ -431,6 +508,7 @@ def render_markdown(data: dict) -> str:
                 f"| {b} | {d['reps']} | {d['median']:.3f} | {d['ci95'][0]:.3f}-{d['ci95'][1]:.3f} | "
                 f"{d['share_at_least_1']:.0%} | {p['median']:.3f} | {p['ci95'][0]:.3f}-{p['ci95'][1]:.3f} |"
             )
+    lines += _hook_cost_lines(data)
     if data.get("interrupted"):
         lines += ["", "**Interrupted**: only the repetitions above were measured."]
     if data.get("errors"):
@@ -440,6 +518,33 @@ def render_markdown(data: dict) -> str:
         lines += ["", "Skipped:", ""]
         lines += [f"- {k['variant']}: {k['reason']}" for k in data["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def _hook_cost_lines(data: dict) -> list[str]:
+    """The hook-cost table (files of schema 3 on)."""
+    cost = data.get("hook_cost") or {}
+    if not cost:
+        return []
+    step = {c["batch"]: c["batch"] / c["summary"]["tokens_per_s"]["median"] for c in data["cases"]
+            if c["variant"] == "unguarded"}  # fmt: skip
+    lines = [
+        "",
+        "Where a guarded decode step's extra time goes: the hooks alone, handed one cached decode step's real inputs "
+        f"{data['settings'].get('hook_calls', '?')} times per round (median of "
+        f"{data['settings'].get('hook_rounds', '?')} rounds, min-max), without the model's compute; share: of the "
+        "unguarded model's median decode step in this run.",
+        "",
+        "| batch | variant | hooks | hook time per decode step | share of a decode step |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for b, per in cost.items():
+        for v, c in per.items():
+            share = c["us_median"] * 1e-6 / step[int(b)] if int(b) in step else float("nan")
+            lines.append(
+                f"| {b} | {v} | {c['hooks']} | {c['us_median']:.1f} us ({c['us_min']:.1f}-{c['us_max']:.1f}) | "
+                f"{share:.2%} |"
+            )
+    return lines
 
 
 def _detector_run(vecs: Any) -> dict:
@@ -487,6 +592,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, help="decoded tokens per row (default 32; --quick 8)")
     p.add_argument("--reps", type=int, help="measured repetitions (default 5; --quick 2)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds of every variant (default 1)")
+    p.add_argument("--hook-calls", type=int, help="hook-cost: decode steps timed per round (default 300; --quick 20)")
+    p.add_argument("--hook-rounds", type=int, help="hook-cost: rounds per variant (default 9; --quick 2)")
     p.add_argument(
         "--variants", nargs="+", choices=VARIANTS + EXTRA_VARIANTS, metavar="NAME",
         help=f"variants to run, of: {' '.join(VARIANTS + EXTRA_VARIANTS)} (default: all but repe-disabled; "
@@ -502,6 +609,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.render is None:
         args.new_tokens = args.new_tokens or (8 if args.quick else 32)
         args.reps = args.reps or (2 if args.quick else 5)
+        args.hook_calls = args.hook_calls or (20 if args.quick else 300)
+        args.hook_rounds = args.hook_rounds or (2 if args.quick else 9)
         variants = list(args.variants or VARIANTS)
         args.variants = ["unguarded"] + [v for v in VARIANTS + EXTRA_VARIANTS if v in variants and v != "unguarded"]
         if min(args.new_tokens, args.reps, *args.batch_sizes) < 1 or args.warmup < 0:
@@ -575,6 +684,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = dict(
             model=model_name, device=args.device, dtype=args.dtype, concept=CONCEPT, batches=args.batch_sizes,
             new_tokens=args.new_tokens, reps=args.reps, warmup=args.warmup, quick=args.quick, variants=variants,
+            hook_calls=args.hook_calls, hook_rounds=args.hook_rounds,
             vectors=str(vectors), vectors_name=Path(vectors).name, calibration={
                 k: v for k, v in vecs.calibration.items() if k in ("mode", "layers", "strength", "condition_layer",
                                                                      "threshold")},
@@ -583,7 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
         )  # fmt: skip
         data: dict[str, Any] = dict(
             schema=SCHEMA, settings=settings, machine=lat.machine_facts(device), peer=peer_info, cases=[],
-            skipped=[], errors=[], interrupted=False,
+            skipped=[], errors=[], interrupted=False, hook_cost={},
         )  # fmt: skip
         if peer is None and PEER in variants:
             variants.remove(PEER)
@@ -601,6 +711,14 @@ def main(argv: list[str] | None = None) -> dict:
                             enc = encode(tok, bench_prompts(batch), device)
                             peer_info["check"][str(batch)] = peer_check(bench, enc, min(args.new_tokens, 8))
                         run_batch(bench, batch, variants, args, bar, measured)
+                        bar.set_postfix_str(f"b{batch} hook cost")
+                        data["hook_cost"][str(batch)] = decode_hook_cost(
+                            bench,
+                            encode(tok, bench_prompts(batch), device),
+                            variants,
+                            args.hook_calls,
+                            args.hook_rounds,
+                        )
                     except Exception as e:  # keep the other batch sizes; reported, exit status 1
                         data["errors"].append(dict(batch=batch, variant=None, error=repr(e),
                                                    traceback=traceback.format_exc()))  # fmt: skip

@@ -176,7 +176,7 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert res.returncode == 0, f"stdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-5000:]}"
     data = json.loads((tmp_path / "llm.json").read_text())
-    assert data["schema"] == "safeguard.benchmarks.llm/2"
+    assert data["schema"] == "safeguard.benchmarks.llm/3"
     assert data["errors"] == [] and data["interrupted"] is False
     s = data["settings"]
     assert s["quick"] is True and s["batches"] == [1, 8] and s["reps"] == 2 and s["model"] == "tiny-llama"
@@ -211,6 +211,17 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
     md = (tmp_path / "llm.md").read_text()
     assert "| batch | variant | prefill | prefill x | decode tok/s | decode x | fired |" in md
     assert md == llm.render_markdown(data) and md.splitlines()[0] in res.stdout
+
+    # hook cost of one decode step: every hook on the model, counted and timed per variant
+    assert set(data["hook_cost"]) == {"1", "8"} and s["hook_rounds"] == 2 and s["hook_calls"] == 20
+    for batch, per in data["hook_cost"].items():
+        assert list(per) == variants
+        # unguarded: none; repe: the monitor's and the gates' pre-hooks plus one edit hook per edited layer
+        hooks = {"unguarded": 0, "repe-conditional": 3, "repe-add": 3, "repe-ablate": 2 + 4, "steering-vectors-add": 1}
+        assert {v: c["hooks"] for v, c in per.items()} == {v: hooks[v] for v in variants}
+        for c in per.values():
+            assert len(c["rounds"]) == 2 and c["us_min"] <= c["us_median"] <= c["us_max"] and c["us_min"] > 0
+    assert "| batch | variant | hooks | hook time per decode step | share of a decode step |" in md
 
     peer = data["peer"]
     if not peer_installed:
