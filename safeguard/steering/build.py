@@ -44,7 +44,7 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 5
+READING_VERSION = 6
 LDA_SHRINKAGE = 0.7
 
 
@@ -191,8 +191,9 @@ def _read_refusal(
                            oof=(poof_pos[p_layer], poof_neg[p_layer]), val=(pv_pos[p_layer], pv_neg[p_layer])),
         }
     )  # fmt: skip
+    # on the training and validation harmful requests: 24 validation prompts alone tie strengths (4% steps)
     b_layers, strength, b_table = select_behaviour(
-        adapter, vecs, concept, [chat(p["harmful"]) for p in val], progress=progress
+        adapter, vecs, concept, [chat(p["harmful"]) for p in train + val], progress=progress
     )
     vecs.meta["calibration"] = {
         "mode": "conditional",

@@ -14,9 +14,11 @@ split that reading never used, with scores that need no generation:
   (``fp_weight = 1.5``: over-refusal costs more). Out-of-fold scores matter: a direction scores
   its own training data too well, and a cut set there lets through more false positives;
 - **behaviour layer and strength**: for each candidate layer and strength the behaviour vector
-  is added to every validation harmful prompt (position 0 left alone) and short greedy replies
-  are generated; the share of refusals (by the evaluation's phrase judge) decides, among
-  candidates whose replies stay coherent (distinct-word ratio), ties to the smaller strength;
+  is added to every training and validation harmful prompt (128; position 0 left alone; the
+  behaviour direction itself is read from exemplar replies, not from these generations) and
+  short greedy replies are generated; the share of refusals (by the evaluation's phrase judge) decides, among
+  candidates whose replies stay coherent (distinct-word ratio), ties to the smaller strength; every
+  layer from a third to 0.7 of the stack, strengths 1, 1.5 and 2;
 - **ablation layers** (topics): the widest window of layers whose ablation keeps the perplexity
   of the model's own replies to neutral-topic training prompts within 5% of unguarded.
 """
@@ -161,19 +163,23 @@ def select_behaviour(
     concept: Any,
     prompts: Sequence[str],
     *,
-    first: float = 0.4,
+    first: float = 1 / 3,
     last: float = 0.7,
-    stride: int = 2,
+    stride: int = 1,
     strengths: Sequence[float] = (1.0, 1.5, 2.0),
     new_tokens: int = 32,
     min_distinct: float = 0.6,
     progress: bool = False,
 ) -> tuple[list[int], float, list[dict[str, float]]]:
-    """Best ``(behaviour layers, strength, table)`` by greedy generation on validation harmful prompts.
+    """Best ``(behaviour layers, strength, table)`` by greedy generation on the given harmful prompts.
 
     Each candidate adds the behaviour vector at one layer to every row; its score is the share of
     replies with a refusal phrase (the evaluation's phrase judge), among candidates whose replies
-    stay coherent (mean distinct-word ratio >= ``min_distinct``); ties go to the smaller strength.
+    stay coherent (mean distinct-word ratio >= ``min_distinct``); ties go to the smaller strength, then to
+    the more varied replies. Candidates: every ``stride``-th layer from ``first`` to ``last`` of the stack
+    (fractions) times ``strengths``; the refusal rate is jagged across neighbouring layers (on SmolLM2, layer 11
+    at 1.5 refuses 100% of 128 training + validation requests, layer 13 at 1.5 only 22%), so stride 1 is the
+    default.
     """
     from ..eval.llm import is_refusal_phrase
 
@@ -192,7 +198,7 @@ def select_behaviour(
             }
         )
     feasible = [r for r in table if r["distinct"] >= min_distinct] or table
-    best = max(feasible, key=lambda r: (r["refusal"], -r["strength"]))
+    best = max(feasible, key=lambda r: (r["refusal"], -r["strength"], r["distinct"]))
     return [int(best["layer"])], float(best["strength"]), table
 
 
