@@ -214,7 +214,7 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
 
     # hook cost of one decode step: every hook on the model, counted and timed per variant
     assert set(data["hook_cost"]) == {"1", "8"} and s["hook_rounds"] == 2 and s["hook_calls"] == 20
-    for batch, per in data["hook_cost"].items():
+    for per in data["hook_cost"].values():
         assert list(per) == variants
         # unguarded: none; repe: the monitor's and the gates' pre-hooks plus one edit hook per edited layer
         hooks = {"unguarded": 0, "repe-conditional": 3, "repe-add": 3, "repe-ablate": 2 + 4, "steering-vectors-add": 1}

@@ -156,6 +156,36 @@ def test_cached_decode_steps_are_steered_like_a_full_forward(llm, mode):
     safeguard.unwrap(model)
 
 
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_generation_monitor_reads_the_cache_under_either_name(llm, name):
+    """transformers >= 5.24 hands the base model ``cache=``, earlier versions ``past_key_values=``: both are one call."""
+    from safeguard.api import get_guard
+
+    model, tok, folder = llm
+    safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", mode="add", vectors=folder)
+    monitor, base = get_guard(model).monitor, model.model
+
+    class Cache:
+        def __init__(self, n):
+            self.n = n
+
+        def get_seq_length(self):
+            return self.n
+
+    ids, mask = torch.tensor([[0, 5, 6, 7]]), torch.tensor([[0, 1, 1, 1]])
+    monitor._on_forward(base, (), {"input_ids": ids, "attention_mask": mask, name: Cache(0)})
+    calls = monitor.calls
+    for past in (4, 5):  # two decode steps of the same call
+        step_mask = torch.ones(1, past + 1, dtype=torch.long)
+        step_mask[0, 0] = 0
+        monitor._on_forward(base, (), {"input_ids": ids[:, -1:], "attention_mask": step_mask, name: Cache(past)})
+        assert monitor.calls == calls and monitor.past == past and monitor.positions.tolist() == [past]
+    assert monitor.step == 2 and monitor.first_real.tolist() == [1] and monitor.last_real.tolist() == [0]
+    monitor._on_forward(base, (), {"input_ids": ids, "attention_mask": mask, name: Cache(0)})  # a new call
+    assert monitor.calls == calls + 1 and monitor.step == 0
+    safeguard.unwrap(model)
+
+
 @pytest.mark.parametrize("condition_layer", [1, 3])  # in-pass decision and look-ahead decision
 def test_conditional_decides_per_row(llm, condition_layer):
     model, tok, folder = llm
