@@ -465,3 +465,15 @@ def test_detector_options_resolve_and_refuse_bad_combinations(tmp_path):
     with pytest.raises(safeguard.InvalidOptionError, match="not calibrated"):
         safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, detector="prompt")
     assert hook_snapshot(model) == snap and not safeguard.is_wrapped(model)
+
+
+def test_roc_points_exact():
+    from safeguard.steering.calibrate import roc_points
+
+    pos, neg = torch.tensor([3.0, 5.0, 7.0]), torch.tensor([1.0, 2.0, 4.0, 6.0])
+    pts = roc_points(pos, neg, max_fprs=(0.0, 0.25, 0.5))
+    assert [(p["threshold"], p["tpr"], p["fpr"]) for p in pts] == [
+        (6.5, pytest.approx(1 / 3), 0.0),
+        (4.5, pytest.approx(2 / 3), 0.25),
+        (2.5, 1.0, 0.5),
+    ]

@@ -53,6 +53,26 @@ def best_threshold(pos: torch.Tensor, neg: torch.Tensor, fp_weight: float = 2.0)
     return float(cuts[i]), float(tpr[i]), float(fpr[i])
 
 
+def roc_points(
+    pos: torch.Tensor, neg: torch.Tensor, max_fprs: Sequence[float] = (0.03, 0.05, 0.08, 0.1)
+) -> list[dict[str, float]]:
+    """For each budget, the cut with the highest TPR whose FPR stays within it (the highest such cut on ties).
+
+    Recorded with each calibrated detector: what another over-refusal budget would buy in detection.
+    """
+    values = torch.sort(torch.cat([pos, neg])).values
+    cuts = torch.cat([values[:1] - 1e-3, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-3])
+    tpr = (pos[None, :] > cuts[:, None]).float().mean(1)
+    fpr = (neg[None, :] > cuts[:, None]).float().mean(1)
+    out = []
+    for budget in max_fprs:
+        ok = fpr <= budget + 1e-9
+        masked = torch.where(ok, tpr, torch.full_like(tpr, -1.0)).flip(0)
+        i = len(cuts) - 1 - int(torch.argmax(masked))  # the highest cut of the best TPR: the fewest false positives
+        out.append({"max_fpr": float(budget), "threshold": float(cuts[i]), "tpr": float(tpr[i]), "fpr": float(fpr[i])})
+    return out
+
+
 def out_of_fold_scores(
     pos: torch.Tensor, neg: torch.Tensor, fit: Any, folds: int = 5
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +113,8 @@ def calibrate_detectors(views: dict[str, dict[str, Any]], fp_weight: float = 1.5
     with 1-D cosine scores at the view's chosen layer (out-of-fold training scores, validation scores). ``"both"``
     sums the two views' scores standardised by the mean and standard deviation of their out-of-fold scores (both
     classes pooled). Each detector's threshold follows :func:`best_threshold` on its out-of-fold + validation
-    scores. Ties in the choice go to the detector with fewer views.
+    scores. Ties in the choice go to the detector with fewer views. Each entry also records ``roc``: the best TPR
+    within a few FPR budgets on the same scores (:func:`roc_points`).
     """
 
     def entry(parts: list[tuple[dict[str, Any], float, float]]) -> dict[str, Any]:
@@ -112,6 +133,7 @@ def calibrate_detectors(views: dict[str, dict[str, Any]], fp_weight: float = 1.5
             "calibration_fpr": fpr,
             "val_auroc": auroc(val_p, val_n),
             "oof_auroc": auroc(oof_p, oof_n),
+            "roc": roc_points(torch.cat([oof_p, val_p]), torch.cat([oof_n, val_n])),
         }
 
     def standardised(v: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
