@@ -19,7 +19,9 @@ Optional (``--variants``): ``repe-disabled``: wrapped in conditional mode but ru
 
 Reported per batch and variant: median prefill seconds and decode tokens/s, and their ratios to the unguarded model
 of the same repetition (median, min, max of the per-repetition ratios); and ``repe-add`` against the peer directly,
-repetition by repetition (median ratio, bootstrap 95% interval). The batch's prompts alternate harmful and
+repetition by repetition (median ratio, bootstrap 95% interval); and the hooks' own time on one cached decode step
+per variant (``hook_cost``: every hook on the model handed a real decode step's inputs, without the model's compute),
+which separates what whole-step timings cannot. The batch's prompts alternate harmful and
 harmless requests from the validation split (batch 1: one harmful request, which the conditional guard should
 flag; the ``fired`` column says whether it did).
 
