@@ -43,12 +43,18 @@ def auroc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
 
 
-def best_threshold(pos: torch.Tensor, neg: torch.Tensor, fp_weight: float = 2.0) -> tuple[float, float, float]:
-    """``(threshold, tpr, fpr)`` maximising ``tpr - fp_weight * fpr``; the cut sits midway between scores."""
+def roc_curve(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cuts, tpr, fpr)`` at every cut midway between sorted scores (and just outside both ends), ascending."""
     values = torch.sort(torch.cat([pos, neg])).values
     cuts = torch.cat([values[:1] - 1e-3, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-3])
     tpr = (pos[None, :] > cuts[:, None]).float().mean(1)
     fpr = (neg[None, :] > cuts[:, None]).float().mean(1)
+    return cuts, tpr, fpr
+
+
+def best_threshold(pos: torch.Tensor, neg: torch.Tensor, fp_weight: float = 2.0) -> tuple[float, float, float]:
+    """``(threshold, tpr, fpr)`` maximising ``tpr - fp_weight * fpr``; the cut sits midway between scores."""
+    cuts, tpr, fpr = roc_curve(pos, neg)
     i = int(torch.argmax(tpr - fp_weight * fpr))
     return float(cuts[i]), float(tpr[i]), float(fpr[i])
 
@@ -60,10 +66,7 @@ def roc_points(
 
     Recorded with each calibrated detector: what another over-refusal budget would buy in detection.
     """
-    values = torch.sort(torch.cat([pos, neg])).values
-    cuts = torch.cat([values[:1] - 1e-3, (values[1:] + values[:-1]) / 2, values[-1:] + 1e-3])
-    tpr = (pos[None, :] > cuts[:, None]).float().mean(1)
-    fpr = (neg[None, :] > cuts[:, None]).float().mean(1)
+    cuts, tpr, fpr = roc_curve(pos, neg)
     out = []
     for budget in max_fprs:
         ok = fpr <= budget + 1e-9
