@@ -3,8 +3,8 @@
 Writes ``safeguard/models/weights/repe/<concept>-<method>/{vectors.safetensors,config.json}``
 for the ``harmful`` concept (condition + refusal behaviour, calibrated on the train/val splits
 of ``safeguard/data/llm``; the test split is never read) and for the ``violence`` topic.
-Seeded and deterministic on CPU; about 25 minutes for ``harmful`` (most of it the behaviour search: 36 candidates
-x 128 greedy replies) and 3 for ``violence`` on 2 cores.
+Seeded and deterministic on CPU; about 35 minutes for ``harmful`` (most of it the behaviour search: 36 candidates
+x 128 greedy replies, then 6 candidates x 240 extra training requests) and 3 for ``violence`` on 2 cores.
 
     python scripts/calibrate_repe.py [--concepts harmful violence] [--method mean_diff]
 

@@ -477,3 +477,60 @@ def test_roc_points_exact():
         (4.5, pytest.approx(2 / 3), 0.25),
         (2.5, 1.0, 0.5),
     ]
+
+
+def test_refine_candidates_exact():
+    from safeguard.steering.calibrate import refine_candidates
+
+    rows = [
+        {"layer": 3, "strength": 1.5, "refusal": 1.0, "distinct": 0.8},
+        {"layer": 3, "strength": 2.0, "refusal": 1.0, "distinct": 0.5},  # incoherent: never a candidate itself
+        {"layer": 4, "strength": 1.5, "refusal": 0.9, "distinct": 0.7},
+        {"layer": 2, "strength": 1.5, "refusal": 0.6, "distinct": 0.9},
+        {"layer": 4, "strength": 1.0, "refusal": 0.9, "distinct": 0.9},
+    ]
+    assert refine_candidates(rows, num_layers=6) == [
+        ((3,), 1.5),  # the winner
+        ((4,), 1.0),  # rivals by refusal, then the smaller strength
+        ((4,), 1.5),
+        ((3,), 1.25),
+        ((3,), 1.75),
+        ((3, 4), 1.0),  # the better neighbour at the winner's strength (layer 4 refuses 0.9 > layer 2's 0.6)
+    ]
+
+
+def test_select_behaviour_second_stage_decides_with_both_judges(monkeypatch):
+    from safeguard.steering import calibrate
+
+    # stage 1 saturates: layer 1 at 1.0 and layer 2 at 1.0 both refuse everything; stage 2 tells them apart
+    phrase = {((1,), 1.0): 1.0, ((2,), 1.0): 1.0, ((1,), 2.0): 0.5, ((2,), 2.0): 0.5}
+    stage2 = {((1,), 1.0): (0.9, 0.5), ((2,), 1.0): (0.8, 0.8), ((1,), 1.25): (1.0, 0.1), ((1, 2), 0.6667): (1.0, 0.2)}
+    calls = []
+
+    def fake_row(adapter, vecs, concept, prompts, layers, strength, new_tokens):
+        key = (tuple(layers), strength)
+        calls.append((len(prompts), key))
+        rate = phrase[key] if len(prompts) == 4 else stage2.get(key, (0.0, 0.0))[0]
+        return {"strength": float(strength), "refusal": rate, "distinct": 0.8}, [f"{key}"] * len(prompts)
+
+    def judge(replies, requests):
+        assert requests == ["q"] * 8
+        key = eval(replies[0])
+        n = round(stage2.get(key, (0.0, 0.0))[1] * len(replies))
+        return [True] * n + [False] * (len(replies) - n)
+
+    monkeypatch.setattr(calibrate, "_behaviour_row", fake_row)
+    vecs = type("V", (), {"num_layers": 3})()
+    args = (None, vecs, None, ["p"] * 4)
+    kw = dict(first=1 / 3, last=0.7, strengths=(1.0, 2.0))
+    assert calibrate.select_behaviour(*args, **kw)[:2] == ([1], 1.0)  # stage 1 alone: tie -> the first layer
+    calls.clear()
+    layers, strength, table = calibrate.select_behaviour(
+        *args, **kw, refine_prompts=["r"] * 8, refine_requests=["q"] * 8, judge=judge
+    )
+    # scores: (0.9 + 0.5) / 2 = 0.70, (0.8 + 0.8) / 2 = 0.80, (1.0 + 0.1) / 2 = 0.55, (1.0 + 0.2) / 2 = 0.60
+    assert (layers, strength) == ([2], 1.0)
+    assert [r["stage"] for r in table] == [1] * 4 + [2] * (len(calls) - 4)
+    assert {k for n, k in calls if n == 8} >= {((1,), 1.0), ((2,), 1.0), ((1,), 1.25), ((1, 2), 0.6667)}
+    pair = next(r for r in table if r["stage"] == 2 and r["layers"] == [1, 2])
+    assert (pair["refusal"], pair["refusal_judge"], pair["score"]) == (1.0, pytest.approx(0.25), pytest.approx(0.625))

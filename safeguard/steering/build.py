@@ -44,7 +44,7 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 6
+READING_VERSION = 7
 LDA_SHRINKAGE = 0.7
 
 
@@ -191,9 +191,20 @@ def _read_refusal(
                            oof=(poof_pos[p_layer], poof_neg[p_layer]), val=(pv_pos[p_layer], pv_neg[p_layer])),
         }
     )  # fmt: skip
-    # on the training and validation harmful requests: 24 validation prompts alone tie strengths (4% steps)
+    # stage 1 on the training and validation harmful requests (24 validation prompts alone tie strengths), stage 2
+    # on the extra training-only requests, judged by both of the evaluation's judges (the first stage saturates)
+    from ..eval.llm import MiniLMRefusalJudge
+
+    refine = [p["harmful"] for p in data.extra_pairs()]
     b_layers, strength, b_table = select_behaviour(
-        adapter, vecs, concept, [chat(p["harmful"]) for p in train + val], progress=progress
+        adapter,
+        vecs,
+        concept,
+        [chat(p["harmful"]) for p in train + val],
+        refine_prompts=[chat(p) for p in refine],
+        refine_requests=refine,
+        judge=MiniLMRefusalJudge(),
+        progress=progress,
     )
     vecs.meta["calibration"] = {
         "mode": "conditional",

@@ -13,12 +13,15 @@ split that reading never used, with scores that need no generation:
   included) plus validation scores, the cut that maximises ``TPR - fp_weight * FPR``
   (``fp_weight = 1.5``: over-refusal costs more). Out-of-fold scores matter: a direction scores
   its own training data too well, and a cut set there lets through more false positives;
-- **behaviour layer and strength**: for each candidate layer and strength the behaviour vector
-  is added to every training and validation harmful prompt (128; position 0 left alone; the
-  behaviour direction itself is read from exemplar replies, not from these generations) and
-  short greedy replies are generated; the share of refusals (by the evaluation's phrase judge) decides, among
-  candidates whose replies stay coherent (distinct-word ratio), ties to the smaller strength; every
-  layer from a third to 0.7 of the stack, strengths 1, 1.5 and 2;
+- **behaviour layer and strength**, in two stages: first, for each candidate layer and strength
+  the behaviour vector is added to every training and validation harmful prompt (128; position 0
+  left alone; the behaviour direction itself is read from exemplar replies, not from these
+  generations) and short greedy replies are generated; the share of refusals (by the evaluation's
+  phrase judge) ranks them, among candidates whose replies stay coherent (distinct-word ratio), ties
+  to the smaller strength; every layer from a third to 0.7 of the stack, strengths 1, 1.5 and 2.
+  That set saturates (several candidates refuse nearly all of it), so the winner and its close
+  rivals are then scored on a second pool of training-only harmful requests by both judges of the
+  evaluation (refusal phrase and MiniLM similarity), and the best mean wins;
 - **ablation layers** (topics): the widest window of layers whose ablation keeps the perplexity
   of the model's own replies to neutral-topic training prompts within 5% of unguarded.
 """
@@ -182,6 +185,52 @@ def distinct_ratio(text: str) -> float:
     return len(set(words)) / len(words) if words else 0.0
 
 
+def _behaviour_row(
+    adapter: Any,
+    vecs: SteeringVectors,
+    concept: Any,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    strength: float,
+    new_tokens: int,
+) -> tuple[dict[str, Any], list[str]]:
+    """Refusal-phrase rate and mean distinct-word ratio of greedy replies with the behaviour added at ``layers``."""
+    from ..eval.llm import is_refusal_phrase
+
+    with _steered(adapter, vecs, concept, mode="add", layers=tuple(layers), strength=strength):
+        replies = greedy_replies(adapter, prompts, new_tokens)
+    row = {
+        "strength": float(strength),
+        "refusal": sum(map(is_refusal_phrase, replies)) / len(replies),
+        "distinct": sum(map(distinct_ratio, replies)) / len(replies),
+    }
+    return row, replies
+
+
+def refine_candidates(
+    table: Sequence[dict[str, Any]], num_layers: int, top: int = 3, min_distinct: float = 0.6, step: float = 0.25
+) -> list[tuple[tuple[int, ...], float]]:
+    """Second-stage behaviour candidates from a first-stage ``table`` (rows with ``layer``, ``strength``, ...).
+
+    The ``top`` coherent rows by (refusal, smaller strength, distinct), the best row's layer at its strength
+    ``+- step``, and the best layer paired with its better neighbour (by first-stage refusal at the best strength)
+    at two thirds of the best strength each. Order: as listed, without repeats.
+    """
+    feasible = [r for r in table if r["distinct"] >= min_distinct] or list(table)
+    ranked = sorted(feasible, key=lambda r: (-r["refusal"], r["strength"], -r["distinct"]))
+    best = ranked[0]
+    layer, strength = int(best["layer"]), float(best["strength"])
+    out: list[tuple[tuple[int, ...], float]] = [((int(r["layer"]),), float(r["strength"])) for r in ranked[:top]]
+    out += [((layer,), strength - step), ((layer,), strength + step)]
+    at = {int(r["layer"]): r["refusal"] for r in table if float(r["strength"]) == strength}
+    near = [i for i in (layer - 1, layer + 1) if 0 <= i < num_layers and i in at]
+    if near:
+        other = max(near, key=lambda i: (at[i], -i))
+        out.append((tuple(sorted((layer, other))), round(strength * 2 / 3, 4)))
+    seen: set[tuple[tuple[int, ...], float]] = set()
+    return [c for c in out if c[1] > 0 and not (c in seen or seen.add(c))]
+
+
 def select_behaviour(
     adapter: Any,
     vecs: SteeringVectors,
@@ -194,37 +243,56 @@ def select_behaviour(
     strengths: Sequence[float] = (1.0, 1.5, 2.0),
     new_tokens: int = 32,
     min_distinct: float = 0.6,
+    refine_prompts: Sequence[str] | None = None,
+    refine_requests: Sequence[str] | None = None,
+    judge: Any = None,
     progress: bool = False,
-) -> tuple[list[int], float, list[dict[str, float]]]:
-    """Best ``(behaviour layers, strength, table)`` by greedy generation on the given harmful prompts.
+) -> tuple[list[int], float, list[dict[str, Any]]]:
+    """Best ``(behaviour layers, strength, table)`` by greedy generation on harmful prompts.
 
-    Each candidate adds the behaviour vector at one layer to every row; its score is the share of
-    replies with a refusal phrase (the evaluation's phrase judge), among candidates whose replies
-    stay coherent (mean distinct-word ratio >= ``min_distinct``); ties go to the smaller strength, then to
-    the more varied replies. Candidates: every ``stride``-th layer from ``first`` to ``last`` of the stack
+    **Stage 1**: each candidate adds the behaviour vector at one layer to every row of ``prompts``; its score is
+    the share of replies with a refusal phrase (the evaluation's phrase judge), among candidates whose replies
+    stay coherent (mean distinct-word ratio >= ``min_distinct``); ties go to the smaller strength, then to the
+    more varied replies. Candidates: every ``stride``-th layer from ``first`` to ``last`` of the stack
     (fractions) times ``strengths``; the refusal rate is jagged across neighbouring layers (on SmolLM2, layer 11
     at 1.5 refuses 100% of 128 training + validation requests, layer 13 at 1.5 only 22%), so stride 1 is the
     default.
-    """
-    from ..eval.llm import is_refusal_phrase
 
+    **Stage 2** (with ``refine_prompts``, a second pool of training-only harmful prompts): the stage-1 winner
+    and its close rivals (:func:`refine_candidates`: the best three, the winner's strength +- 0.25, the winner
+    paired with a neighbouring layer) are scored on that pool, because a saturated first stage (several
+    candidates near 100%) cannot rank them. With ``judge`` (e.g. :class:`~safeguard.eval.llm.MiniLMRefusalJudge`,
+    called as ``judge(replies, refine_requests)``) the score is the mean of the phrase judge's and that judge's
+    refusal rates, so that a behaviour must read as a refusal to both; else the phrase rate alone. Coherence and
+    ties as in stage 1 (smaller total strength first). Table rows carry ``stage`` (1 or 2) and ``layers``.
+    """
     L = int(vecs.num_layers)
     candidates = [(i, k) for i in range(int(first * L), int(last * L) + 1, stride) for k in strengths]
-    table: list[dict[str, float]] = []
+    table: list[dict[str, Any]] = []
     for layer, strength in tqdm(candidates, desc="choosing layers", disable=not progress, leave=False):
-        with _steered(adapter, vecs, concept, mode="add", layers=(layer,), strength=strength):
-            replies = greedy_replies(adapter, prompts, new_tokens)
-        table.append(
-            {
-                "layer": layer,
-                "strength": strength,
-                "refusal": sum(map(is_refusal_phrase, replies)) / len(replies),
-                "distinct": sum(map(distinct_ratio, replies)) / len(replies),
-            }
-        )
+        row, _ = _behaviour_row(adapter, vecs, concept, prompts, (layer,), strength, new_tokens)
+        table.append({"stage": 1, "layer": layer, "layers": [layer]} | row)
     feasible = [r for r in table if r["distinct"] >= min_distinct] or table
     best = max(feasible, key=lambda r: (r["refusal"], -r["strength"], r["distinct"]))
-    return [int(best["layer"])], float(best["strength"]), table
+    if not refine_prompts:
+        return [int(best["layer"])], float(best["strength"]), table
+
+    second: list[dict[str, Any]] = []
+    stage2 = refine_candidates(table, L, min_distinct=min_distinct)
+    for layers, strength in tqdm(stage2, desc="refining", disable=not progress, leave=False):
+        row, replies = _behaviour_row(adapter, vecs, concept, refine_prompts, layers, strength, new_tokens)
+        row = {"stage": 2, "layers": list(layers)} | row
+        if judge is not None:
+            row["refusal_judge"] = sum(map(bool, judge(replies, refine_requests))) / len(replies)
+        row["score"] = (row["refusal"] + row["refusal_judge"]) / 2 if judge is not None else row["refusal"]
+        second.append(row)
+    feasible2 = [r for r in second if r["distinct"] >= min_distinct] or second
+    best2 = max(feasible2, key=lambda r: (r["score"], -r["strength"] * len(r["layers"]), r["distinct"]))
+    logger.info(
+        "behaviour: stage 1 best layer %d at %.2f; stage 2 (%d prompts) best layers %s at %.2f (score %.3f)",
+        best["layer"], best["strength"], len(refine_prompts), best2["layers"], best2["strength"], best2["score"],
+    )  # fmt: skip
+    return [int(i) for i in best2["layers"]], float(best2["strength"]), table + second
 
 
 @torch.no_grad()
