@@ -36,13 +36,14 @@ import time
 from pathlib import Path
 
 import torch
+from detector_common import prompt_sets, read_pools
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
 from safeguard.steering import data
 from safeguard.steering.build import LDA_SHRINKAGE, SHIPPED_DIR
 from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores, select_condition_layer
-from safeguard.steering.reading import collect_states, lda_directions, projections
+from safeguard.steering.reading import lda_directions, projections
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_data.json"
@@ -51,26 +52,8 @@ CATEGORIES = ("weapons", "cybercrime", "fraud", "drugs", "violence", "self_harm"
 
 def read_all(adapter: CausalLMAdapter) -> dict[str, torch.Tensor]:
     """Last-prompt-token states ``[L, N, d]`` of every prompt set, each set read on its own (as calibrate.py)."""
-    chat = adapter.chat_text
-    _, layers = adapter.decoder_layers()
-    train, val, test = data.harmful_pairs("train"), data.harmful_pairs("val"), data.harmful_pairs("test")
-    extra = data.extra_pairs()
-    sets = {
-        "train_harmful": [p["harmful"] for p in train],
-        "train_harmless": [p["harmless"] for p in train],
-        "scary_train": [p["prompt"] for p in data.scary_harmless("train")],
-        "extra_harmful": [p["harmful"] for p in extra],
-        "extra_harmless": [p["harmless"] for p in extra],
-        "val_harmful": [p["harmful"] for p in val],
-        "val_harmless": [p["harmless"] for p in val],
-        "test_harmful": [p["harmful"] for p in test],
-        "test_harmless": [p["harmless"] for p in test],
-        "scary_test": [p["prompt"] for p in data.scary_harmless("test")],
-    }
-    out = {}
-    for name, prompts in sets.items():
-        out[name], _ = collect_states(adapter.model, adapter.tokenizer, [chat(p) for p in prompts], layers)
-    return out
+    sets = prompt_sets(exclude=["scary_extra"])
+    return read_pools(adapter, sets, pools=("last",))["last"]
 
 
 def extra_subset(states: torch.Tensor, per_category: int) -> torch.Tensor:

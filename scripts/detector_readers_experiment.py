@@ -34,12 +34,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from detector_common import detector_metrics, standardised_sum
+from detector_common import prompt_sets as all_prompt_sets
 from safetensors.torch import load_file, save_file
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
-from safeguard.steering import data
-from safeguard.steering.calibrate import auroc, best_threshold, roc_points
+from safeguard.steering.calibrate import auroc
 from safeguard.steering.reading import _layer_output, collect_states, lda_directions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,17 +52,8 @@ Fit = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], list[torch.Tens
 
 
 def prompt_sets() -> dict[str, list[str]]:
-    train, val, test = data.harmful_pairs("train"), data.harmful_pairs("val"), data.harmful_pairs("test")
-    return {
-        "train_harmful": [p["harmful"] for p in train],
-        "train_harmless": [p["harmless"] for p in train],
-        "scary_train": [p["prompt"] for p in data.scary_harmless("train")],
-        "val_harmful": [p["harmful"] for p in val],
-        "val_harmless": [p["harmless"] for p in val],
-        "test_harmful": [p["harmful"] for p in test],
-        "test_harmless": [p["harmless"] for p in test],
-        "scary_test": [p["prompt"] for p in data.scary_harmless("test")],
-    }
+    """The original training, validation and test sets (no extra training data)."""
+    return all_prompt_sets(exclude=["extra_harmful", "extra_harmless", "scary_extra"])
 
 
 @torch.no_grad()
@@ -182,30 +174,8 @@ def best_layer(table: dict[int, dict]) -> int:
 
 def summarize(parts: list[tuple[str, dict[int, dict], int]]) -> dict:
     """Standardised sum of the views ``(label, table, layer)``; calibration and (info) test metrics."""
-    tot: dict[str, torch.Tensor] = {}
-    for _, table, layer in parts:
-        sc = table[layer]["scores"]
-        both = torch.cat([sc["oof_p"], sc["oof_n"]])
-        c, sd = both.mean(), both.std().clamp_min(1e-6)
-        for k in SPLITS:
-            tot[k] = tot.get(k, 0) + (sc[k] - c) / sd
-    cal_p, cal_n = torch.cat([tot["oof_p"], tot["val_p"]]), torch.cat([tot["oof_n"], tot["val_n"]])
-    thr, tpr, fpr = best_threshold(cal_p, cal_n, fp_weight=1.5)
-    roc = roc_points(cal_p, cal_n)
-    return {
-        "views": [f"{label}@{layer}" for label, _, layer in parts],
-        "val_auroc": auroc(tot["val_p"], tot["val_n"]),
-        "oof_auroc": auroc(tot["oof_p"], tot["oof_n"]),
-        "tpr@3": roc[0]["tpr"],
-        "tpr@5": roc[1]["tpr"],
-        "tpr@8": roc[2]["tpr"],
-        "calibration_tpr": tpr,
-        "calibration_fpr": fpr,
-        "test_auroc_info": auroc(tot["test_p"], torch.cat([tot["test_h"], tot["test_s"]])),
-        "test_tpr_info": float((tot["test_p"] > thr).float().mean()),
-        "test_fpr_harmless_info": float((tot["test_h"] > thr).float().mean()),
-        "test_fpr_scary_info": float((tot["test_s"] > thr).float().mean()),
-    }
+    tot = standardised_sum([table[layer]["scores"] for _, table, layer in parts])
+    return {"views": [f"{label}@{layer}" for label, _, layer in parts]} | detector_metrics(tot)
 
 
 def main() -> None:

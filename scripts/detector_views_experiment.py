@@ -32,61 +32,16 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from detector_common import POOLS, detector_metrics, load_states, prompt_sets, read_pools, save_states, standardised_sum
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
-from safeguard.steering import data
 from safeguard.steering.build import LDA_SHRINKAGE
-from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores, roc_points
-from safeguard.steering.reading import collect_states, lda_directions, projections
+from safeguard.steering.calibrate import auroc, out_of_fold_scores
+from safeguard.steering.reading import lda_directions, projections
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_views.json"
-POOLS = ("last", "prompt")
-
-
-def read_all(adapter: CausalLMAdapter) -> dict[str, dict[str, torch.Tensor]]:
-    """``{pool: {set: [L, N, d]}}`` for every prompt set, each set read on its own (as calibration does)."""
-    chat = adapter.chat_text
-    _, layers = adapter.decoder_layers()
-    prefix = adapter.chat_prefix_ids()
-    train, val, test, extra = (
-        data.harmful_pairs("train"),
-        data.harmful_pairs("val"),
-        data.harmful_pairs("test"),
-        data.extra_pairs(),
-    )
-    sets = {
-        "train_harmful": [p["harmful"] for p in train],
-        "train_harmless": [p["harmless"] for p in train],
-        "scary_train": [p["prompt"] for p in data.scary_harmless("train")],
-        "extra_harmful": [p["harmful"] for p in extra],
-        "extra_harmless": [p["harmless"] for p in extra],
-        "val_harmful": [p["harmful"] for p in val],
-        "val_harmless": [p["harmless"] for p in val],
-        "test_harmful": [p["harmful"] for p in test],
-        "test_harmless": [p["harmless"] for p in test],
-        "scary_test": [p["prompt"] for p in data.scary_harmless("test")],
-    }
-    out: dict[str, dict[str, torch.Tensor]] = {p: {} for p in POOLS}
-    for name, prompts in sets.items():
-        texts = [chat(p) for p in prompts]
-        out["last"][name] = collect_states(adapter.model, adapter.tokenizer, texts, layers)[0]
-        out["prompt"][name] = collect_states(
-            adapter.model, adapter.tokenizer, texts, layers, position="prompt", prefix_ids=prefix
-        )[0]
-        logging.info("read %s (%d prompts)", name, len(texts))
-    return out
-
-
-def load_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    flat = load_file(path)
-    out: dict[str, dict[str, torch.Tensor]] = {p: {} for p in POOLS}
-    for key, v in flat.items():
-        pool, name = key.split("/", 1)
-        out[pool][name] = v
-    return out
 
 
 def pool_scores(s: dict[str, torch.Tensor], extra: bool, shrinkage: float) -> dict[str, torch.Tensor]:
@@ -122,33 +77,9 @@ def ranking(sc: dict[str, torch.Tensor]) -> list[int]:
 
 
 def combine(scores: dict[str, dict[str, torch.Tensor]], views: list[tuple[str, int]]) -> dict:
-    """Sum of the views' cosines standardised by their out-of-fold mean and std; calibration and test metrics."""
-    tot: dict[str, torch.Tensor] = {}
-    for pool, layer in views:
-        sc = scores[pool]
-        both = torch.cat([sc["oof_p"][layer], sc["oof_n"][layer]])
-        c, sd = both.mean(), both.std().clamp_min(1e-6)
-        for k, v in sc.items():
-            tot[k] = tot.get(k, 0) + (v[layer] - c) / sd
-    cal_p, cal_n = torch.cat([tot["oof_p"], tot["val_p"]]), torch.cat([tot["oof_n"], tot["val_n"]])
-    thr, tpr, fpr = best_threshold(cal_p, cal_n, fp_weight=1.5)
-    roc = roc_points(cal_p, cal_n)
-    test_n = torch.cat([tot["test_h"], tot["test_s"]])
-    return {
-        "views": [{"pool": p, "layer": int(i)} for p, i in views],
-        "val_auroc": auroc(tot["val_p"], tot["val_n"]),
-        "oof_auroc": auroc(tot["oof_p"], tot["oof_n"]),
-        "threshold": thr,
-        "calibration_tpr": tpr,
-        "calibration_fpr": fpr,
-        "tpr@3": roc[0]["tpr"],
-        "tpr@5": roc[1]["tpr"],
-        "tpr@8": roc[2]["tpr"],
-        "test_auroc_info": auroc(tot["test_p"], test_n),
-        "test_tpr_info": float((tot["test_p"] > thr).float().mean()),
-        "test_fpr_harmless_info": float((tot["test_h"] > thr).float().mean()),
-        "test_fpr_scary_info": float((tot["test_s"] > thr).float().mean()),
-    }
+    """The views' standardised cosines summed; calibration and (info) test metrics."""
+    tot = standardised_sum([{k: v[layer] for k, v in scores[pool].items()} for pool, layer in views])
+    return {"views": [{"pool": p, "layer": int(i)} for p, i in views]} | detector_metrics(tot)
 
 
 def main() -> None:
@@ -163,10 +94,10 @@ def main() -> None:
     states = load_states(args.states) if args.states and args.states.exists() else None
     if states is None:
         model, tok = smollm2()
-        states = read_all(CausalLMAdapter(model, tok))
+        states = read_pools(CausalLMAdapter(model, tok), prompt_sets(exclude=["scary_extra"]))
         logging.info("read states in %.0f s", time.perf_counter() - t0)
         if args.states:
-            save_file({f"{p}/{k}": v.contiguous() for p, d in states.items() for k, v in d.items()}, args.states)
+            save_states(states, args.states)
 
     runs: dict[str, dict] = {}
     for extra in (False, True):

@@ -338,6 +338,25 @@ def test_extra_pairs_are_training_only():
         data.harmful_pairs("test", extra=True)
 
 
+def test_extra_scary_prompts_are_training_only():
+    from safeguard.core.errors import InvalidOptionError
+    from safeguard.steering import data
+
+    extra = data.extra_scary_harmless()
+    cats = {p["category"] for p in data.scary_harmless("test")}
+    assert len(extra) == 200 and {p["category"] for p in extra} == cats
+    assert all(sum(p["category"] == c for p in extra) == 25 for c in cats)
+    train = data.scary_harmless("train", extra=True)
+    assert train[:48] == data.scary_harmless("train") and train[48:] == extra
+    assert len({p["id"] for p in train}) == 248 and all(p["id"].startswith("scary-x") for p in extra)
+    assert len({p["prompt"] for p in extra}) == 200
+    held_out = {p["prompt"] for p in data.scary_harmless("test")}
+    held_out |= {p[k] for s in ("val", "test") for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
+    assert not held_out & {p["prompt"] for p in extra}
+    with pytest.raises(InvalidOptionError):
+        data.scary_harmless("test", extra=True)
+
+
 def test_refusal_judges():
     from safeguard.eval.llm import MiniLMRefusalJudge, is_refusal_phrase
 

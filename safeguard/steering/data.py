@@ -7,6 +7,8 @@ Splits are made by code, deterministically, within each category (items sorted b
   5-7 -> ``"test"`` (held out: only the evaluation reads it). 25 pairs a category give
   13 / 3 / 9, so 104 / 24 / 72 in all.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
+- extra harmless prompts with scary words (``harmless_scary_words_extra.json``, 200, 25 a category): training
+  only, never split; ``scary_harmless("train", extra=True)`` appends them to the training split.
 - extra harmful/harmless pairs (``harmful_harmless_pairs_extra.json``, 240, 30 a category): training
   only, never split; ``harmful_pairs("train", extra=True)`` appends them to the training split. No
   extra prompt has MiniLM cosine above 0.75 to a validation or test prompt.
@@ -70,11 +72,24 @@ def extra_pairs() -> list[dict[str, str]]:
     return [it for _, it in _by_category(_load("harmful_harmless_pairs_extra.json")["pairs"])]
 
 
-def scary_harmless(split: str) -> list[dict[str, str]]:
-    """Harmless requests with dangerous-sounding words (``"kill a Python process"``), for over-refusal."""
+def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
+    """Harmless requests with dangerous-sounding words (``"kill a Python process"``), for over-refusal.
+
+    ``extra=True`` (``"train"`` only) appends :func:`extra_scary_harmless` after the split's own prompts.
+    """
     _check_split(split, ("train", "test"))
+    if extra and split != "train":
+        raise InvalidOptionError(
+            f"extra scary-word prompts are training data only; got split={split!r} with extra=True."
+        )
     want = (0, 1) if split == "train" else (2, 3, 4)
-    return [it for i, it in _by_category(_load("harmless_scary_words.json")["prompts"]) if i % 5 in want]
+    items = [it for i, it in _by_category(_load("harmless_scary_words.json")["prompts"]) if i % 5 in want]
+    return items + extra_scary_harmless() if extra else items
+
+
+def extra_scary_harmless() -> list[dict[str, str]]:
+    """The 200 extra training-only scary-word harmless prompts (ids ``scary-x001``...), in category then id order."""
+    return [it for _, it in _by_category(_load("harmless_scary_words_extra.json")["prompts"])]
 
 
 def refusal_exemplars() -> tuple[list[str], list[str]]:
