@@ -7,7 +7,7 @@ data-starved. This script reads every state once and compares, everything else e
 folds, scary-word negatives, layer rule and threshold rule as :mod:`safeguard.steering.calibrate`):
 
 - ``old``: the 104 training pairs (+ 48 scary-word harmless prompts as negatives), shrinkage 0.7
-  (the shipped setting; its table must match the shipped ``condition_table``);
+  (the setting shipped up to READING_VERSION 7; its table then matched the shipped ``condition_table``);
 - ``old+extra``: the same plus the 240 extra training pairs (``harmful_harmless_pairs_extra.json``);
 - a shrinkage sweep (0.3, 0.5, 0.7, 0.9) on both, chosen on out-of-fold + validation AUROC only;
 - a learning curve: old + the first k extra pairs of each category.
@@ -41,10 +41,11 @@ from detector_common import prompt_sets, read_pools
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
 from safeguard.steering import data
-from safeguard.steering.build import LDA_SHRINKAGE, SHIPPED_DIR
+from safeguard.steering.build import SHIPPED_DIR
 from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores, select_condition_layer
 from safeguard.steering.reading import lda_directions, projections
 
+LDA_SHRINKAGE = 0.7  # the detector shipped when this experiment ran (READING_VERSION 7)
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_data.json"
 CATEGORIES = ("weapons", "cybercrime", "fraud", "drugs", "violence", "self_harm", "hate", "privacy")
@@ -209,11 +210,12 @@ def main() -> None:
     base, new = runs[f"old@{LDA_SHRINKAGE}"], runs[f"old+extra@{LDA_SHRINKAGE}"]
 
     shipped = json.loads((SHIPPED_DIR / "harmful-mean_diff" / "config.json").read_text())
-    shipped_table = shipped["calibration"]["condition_table"]
-    repro = max(
-        max(abs(a["val_auroc"] - b["val_auroc"]), abs(a["oof_auroc"] - b["oof_auroc"]))
-        for a, b in zip(shipped_table, base["table"])
-    )
+    repro = None  # the shipped vectors are read this way only up to READING_VERSION 7 (no extra data, shrinkage 0.7)
+    if not shipped.get("reading", {}).get("extra_data", False):
+        repro = max(
+            max(abs(a["val_auroc"] - b["val_auroc"]), abs(a["oof_auroc"] - b["oof_auroc"]))
+            for a, b in zip(shipped["calibration"]["condition_table"], base["table"])
+        )
 
     hdr = (
         f"{'run':26s}{'pairs':>6s}{'shr':>6s}{'layer':>6s}{'val':>8s}{'oof':>8s}{'oof_orig':>9s}{'thr':>8s} | "
@@ -224,7 +226,8 @@ def main() -> None:
     for name, r in runs.items():
         print(row(name, r))
     print(f"\nchoice by val+oof: old data -> {best_old}; old+extra -> {best_new}")
-    print(f"reproduces the shipped condition_table to {repro:.2e} (max |delta| of val/oof AUROC)")
+    if repro is not None:
+        print(f"reproduces the shipped condition_table to {repro:.2e} (max |delta| of val/oof AUROC)")
 
     print(f"\nPer layer, shrinkage {LDA_SHRINKAGE}: old (104 pairs) vs old+extra (344 pairs). * = test, info only.")
     print(f"{'layer':>5s} {'val':>13s} {'oof':>13s} {'oof_orig':>13s} {'test*':>13s}")

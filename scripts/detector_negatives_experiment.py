@@ -14,14 +14,14 @@ Variants (the training data of both pools' directions; everything else as ``safe
 - ``old+extra``: + the 240 extra pairs;
 - ``old+extra+scary``: both.
 
-Each variant is read with the shipped LDA shrinkage 0.7 and with 0.3, 0.5 and 0.9 (``--shrinkage``: more data may
+Each variant is read with the LDA shrinkage shipped before (0.7) and with 0.3, 0.5 and 0.9 (``--shrinkage``: more data may
 want less shrinkage). Each picks each pool's layer by validation + out-of-fold AUROC on its own data and forms the
 ``last``, ``prompt`` and ``both`` detectors (calibrate.py's rules). Fixed in advance, the comparison pool is
 the same for all: out-of-fold (5 folds) scores of the 104 original harmful requests and the 24 validation
 ones as positives; the 104 original harmless, the 48 original scary-word prompts, the 24 validation harmless and
 the 200 extra scary-word prompts (out-of-fold where a variant trains on them, plainly out of sample where it
 does not) as negatives. **Choice:** the highest TPR within FPR 0.05 on that pool (``common_tpr@5``), then the
-fewest training prompts, then the shipped shrinkage. Also reported: each variant's own calibration (the threshold build.py would pick by
+fewest training prompts, then shrinkage 0.7. Also reported: each variant's own calibration (the threshold build.py would pick by
 ``TPR - 1.5 FPR``) and its false-positive rate on the extra scary-word prompts at that threshold. Held-out test
 numbers (``*_info``) are information only and choose nothing.
 
@@ -43,12 +43,12 @@ from detector_common import POOLS, detector_metrics, load_states, prompt_sets, r
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
-from safeguard.steering.build import LDA_SHRINKAGE
 from safeguard.steering.calibrate import out_of_fold_scores, roc_points, select_condition_layer
 from safeguard.steering.reading import lda_directions, projections
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_negatives.json"
+BASE_SHRINKAGE = 0.7  # the detector's LDA shrinkage before this experiment (READING_VERSION 7)
 VARIANTS = {
     "old": (False, False),
     "old+scary": (False, True),
@@ -58,7 +58,7 @@ VARIANTS = {
 
 
 def pool_scores(
-    s: dict[str, torch.Tensor], extra: bool, scary: bool, shrinkage: float = LDA_SHRINKAGE
+    s: dict[str, torch.Tensor], extra: bool, scary: bool, shrinkage: float = BASE_SHRINKAGE
 ) -> dict[str, torch.Tensor]:
     """Per-layer cosine scores ``[L, N]`` of one pool under one variant's training data.
 
@@ -136,8 +136,8 @@ def main() -> None:
             save_states(states, args.states)
 
     runs: dict[str, dict] = {}
-    grid = [(tag, LDA_SHRINKAGE) for tag in VARIANTS] + [
-        (t, x) for t in VARIANTS for x in args.shrinkage if x != LDA_SHRINKAGE
+    grid = [(tag, BASE_SHRINKAGE) for tag in VARIANTS] + [
+        (t, x) for t in VARIANTS for x in args.shrinkage if x != BASE_SHRINKAGE
     ]
     for tag, shrink in grid:
         extra, scary = VARIANTS[tag]
@@ -149,7 +149,7 @@ def main() -> None:
         n_train = sum(states["last"][k].shape[1] for k in ("train_harmful", "train_harmless", "scary_train"))
         n_train += sum(states["last"][k].shape[1] for k in ("extra_harmful", "extra_harmless") if extra)
         n_train += states["last"]["scary_extra"].shape[1] if scary else 0
-        name = tag if shrink == LDA_SHRINKAGE else f"{tag}@{shrink}"
+        name = tag if shrink == BASE_SHRINKAGE else f"{tag}@{shrink}"
         for det, pools in (("last", ["last"]), ("prompt", ["prompt"]), ("both", list(POOLS))):
             runs[f"{name}:{det}"] = detector_row([views[p][0] for p in pools], [views[p][1] for p in pools]) | {
                 "train_prompts": n_train,
@@ -159,7 +159,7 @@ def main() -> None:
 
     def choice_key(k: str) -> tuple:
         r = runs[k]
-        return (round(r["common_tpr@5"], 6), -r["train_prompts"], r["shrinkage"] == LDA_SHRINKAGE)
+        return (round(r["common_tpr@5"], 6), -r["train_prompts"], r["shrinkage"] == BASE_SHRINKAGE)
 
     best = max(runs, key=choice_key)
     print("common = the same calibration pool for every variant (incl. the 200 extra scary-word negatives)")
@@ -175,7 +175,7 @@ def main() -> None:
             f"{r['calibration_fpr']:7.3f}{r['scary_extra_fpr']:7.3f} | {r['test_auroc_info']:6.3f}"
             f"{r['test_tpr_info']:6.3f}{r['test_fpr_harmless_info']:7.3f}{r['test_fpr_scary_info']:7.3f}"
         )
-    print(f"\nchoice (common tpr@5, then fewer training prompts, then the shipped shrinkage): {best}")
+    print(f"\nchoice (common tpr@5, then fewer training prompts, then shrinkage 0.7): {best}")
     result = {
         "description": (
             "Harmful-request detectors of SmolLM2-135M-Instruct trained with or without 200 extra scary-word "
@@ -183,7 +183,7 @@ def main() -> None:
             "training + validation, the extra scary-word prompts as negatives). *_info fields read the held-out "
             "test split, information only."
         ),
-        "shrinkage": LDA_SHRINKAGE,
+        "shrinkage": BASE_SHRINKAGE,
         "counts": {k: int(v.shape[1]) for k, v in states["last"].items()},
         "choice": best,
         "runs": runs,

@@ -36,10 +36,10 @@ from detector_common import POOLS, detector_metrics, load_states, prompt_sets, r
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
-from safeguard.steering.build import LDA_SHRINKAGE
 from safeguard.steering.calibrate import auroc, out_of_fold_scores
 from safeguard.steering.reading import lda_directions, projections
 
+LDA_SHRINKAGE = 0.7  # the detector shipped when this experiment ran (READING_VERSION 7)
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_views.json"
 
