@@ -3,16 +3,18 @@
 Writes ``safeguard/models/weights/repe/<concept>-<method>/{vectors.safetensors,config.json}``
 for the ``harmful`` concept (condition + refusal behaviour, calibrated on the train/val splits
 of ``safeguard/data/llm``; the test split is never read) and for the ``violence`` topic.
-Seeded and deterministic on CPU; about 35 minutes for ``harmful`` (most of it the behaviour search: 36 candidates
+Seeded and deterministic on CPU; about 34 minutes for ``harmful`` (most of it the behaviour search: 36 candidates
 x 128 greedy replies, then 6 candidates x 240 extra training requests) and 3 for ``violence`` on 2 cores.
 
     python scripts/calibrate_repe.py [--concepts harmful violence] [--method mean_diff]
 
-Experiments (``harmful`` only; write them elsewhere with ``--out``, never over the shipped folder):
-``--extra-data`` adds the 240 extra training pairs to the condition direction's training data and
-``--lda-shrinkage`` changes its shrinkage, e.g.
+The ``harmful`` detector is trained with the extra training data (240 pairs and 200 scary-word harmless
+prompts) at LDA shrinkage 0.3, the choice of ``scripts/detector_negatives_experiment.py``. Experiments
+(``harmful`` only; write them elsewhere with ``--out``, never over the shipped folder): ``--no-extra-data``
+drops the extra data and ``--lda-shrinkage`` changes the shrinkage; the detector shipped before
+READING_VERSION 8 is
 
-    python scripts/calibrate_repe.py --concepts harmful --extra-data --out /tmp/repe-extra
+    python scripts/calibrate_repe.py --concepts harmful --no-extra-data --lda-shrinkage 0.7 --out /tmp/repe-old
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+", default=["harmful", "violence"])
     ap.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"])
     ap.add_argument("--out", default=str(SHIPPED_DIR), help="folder for <concept>-<method>/ (default: shipped)")
-    ap.add_argument("--extra-data", action="store_true", help="harmful: extra training pairs for the condition")
+    ap.add_argument(
+        "--no-extra-data",
+        dest="extra_data",
+        action="store_false",
+        help="harmful: the detector without the extra training pairs and scary-word prompts (before version 8)",
+    )
     ap.add_argument("--lda-shrinkage", type=float, default=LDA_SHRINKAGE, help="harmful: condition LDA shrinkage")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,6 +1,7 @@
 """Is another reader of the residual stream a better harmful-request detector than the shipped one?
 
-The shipped ``harmful`` detector (:mod:`safeguard.steering.detector`, ``"both"``) sums two standardised
+(Run against the detector shipped up to READING_VERSION 7; the one shipped since is the choice of
+``detector_negatives_experiment.py``.) The shipped ``harmful`` detector (:mod:`safeguard.steering.detector`, ``"both"``) sums two standardised
 cosines with shrunk Fisher (LDA, shrinkage 0.7) directions: the last prompt token at one layer and the mean
 over the request's own tokens at another. On the calibration scores it reaches TPR 0.91 at FPR 0.05. This
 script compares, with the calibration's rules (5-fold out-of-fold training scores + validation scores; each

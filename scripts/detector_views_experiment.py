@@ -1,7 +1,8 @@
 """Would more views (layers) or more training data make the RepE harmful-request detector better?
 
-The shipped ``harmful`` guard steers a row when its detector score exceeds a threshold. The shipped
-detector ``"both"`` sums two standardised cosines (:mod:`safeguard.steering.detector`): the last prompt
+(Run against the detector shipped up to READING_VERSION 7; the one shipped since is the choice of
+``detector_negatives_experiment.py``.) The shipped ``harmful`` guard steers a row when its detector score
+exceeds a threshold. The shipped detector ``"both"`` sums two standardised cosines (:mod:`safeguard.steering.detector`): the last prompt
 token's state at one layer and the mean over the request's tokens at another, each against a shrunk
 Fisher (LDA) direction read on the training split. Its calibration ROC tops out near TPR 0.91 at
 FPR 0.05, short of what a 90% refusal rate needs once some flagged replies fail to refuse.

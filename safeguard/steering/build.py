@@ -44,8 +44,8 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 7
-LDA_SHRINKAGE = 0.7
+READING_VERSION = 8
+LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_negatives_experiment.py)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -72,15 +72,17 @@ def read_vectors(
     layer_path: str | None = None,
     progress: bool = False,
     seed: int = 0,
-    extra_data: bool = False,
+    extra_data: bool = True,
     lda_shrinkage: float = LDA_SHRINKAGE,
 ) -> SteeringVectors:
     """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``.
 
     ``extra_data`` and ``lda_shrinkage`` concern ``harmful`` only: the first adds the extra training
-    pairs (:func:`~safeguard.steering.data.extra_pairs`) to the condition direction's training data
-    (its out-of-fold threshold scores included); the behaviour and concept directions stay on the
-    original training split. The defaults give the shipped vectors.
+    data (the 240 pairs of :func:`~safeguard.steering.data.extra_pairs` and the 200 scary-word harmless
+    prompts of :func:`~safeguard.steering.data.extra_scary_harmless`) to the detector directions' training
+    data (their out-of-fold threshold scores included); the behaviour and concept directions stay on the
+    original training split. The defaults give the shipped vectors; ``extra_data=False, lda_shrinkage=0.7``
+    gives the detector shipped before READING_VERSION 8.
     """
     adapter.require_tokenizer("reading steering vectors")
     model = adapter.model
@@ -100,18 +102,18 @@ def read_vectors(
 
 
 def _read_refusal(
-    adapter, concept, layers, method, meta, progress, seed, extra_data=False, shrinkage=LDA_SHRINKAGE
+    adapter, concept, layers, method, meta, progress, seed, extra_data=True, shrinkage=LDA_SHRINKAGE
 ) -> SteeringVectors:
     model, tok, chat = adapter.model, adapter.tokenizer, adapter.chat_text
     train, val = data.harmful_pairs("train"), data.harmful_pairs("val")
-    scary = [p["prompt"] for p in data.scary_harmless("train")]
+    scary = [p["prompt"] for p in data.scary_harmless("train", extra=extra_data)]
     harmful = [chat(p["harmful"]) for p in train]
     harmless = [chat(p["harmless"]) for p in train]
     pos, norms = collect_states(model, tok, harmful, layers, progress=progress)
     neg, _ = collect_states(model, tok, harmless, layers, progress=progress)
     scary_states, _ = collect_states(model, tok, [chat(p) for p in scary], layers, progress=progress)
     c_dirs, c_scales = read_directions(pos, neg, method)
-    # the condition (detector) direction: optionally with the extra training pairs, read as their own sets
+    # the condition (detector) direction: with the extra training pairs (read as their own sets) and scary words
     extra = data.extra_pairs() if extra_data else []
     d_pos, d_neg = pos, neg
     if extra:
@@ -159,6 +161,7 @@ def _read_refusal(
                 "concept": "harmful minus harmless requests, last prompt token (chat template)",
                 "condition": f"shrunk Fisher discriminant ({shrinkage}) of the same states, scary-word harmless prompts included"
                 + (f", plus {len(extra)} extra training pairs" if extra else ""),
+                "extra_data": extra_data,
                 "condition_prompt": f"shrunk Fisher discriminant ({shrinkage}) of the mean over each request's own "
                 "tokens (after the chat template's fixed prefix), the same prompts",
                 "chat_prefix_tokens": len(prefix) if prefix else 0,
