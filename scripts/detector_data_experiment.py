@@ -19,7 +19,7 @@ calibrate.py). For information only, never used to choose anything: held-out tes
 harmful vs 72 harmless + 52 scary-word prompts) and the test TPR/FPR at the threshold that
 calibrate.py's rule picks (the share of test prompts the guard would steer).
 
-It also records the leakage check of the extra data (MiniLM cosine of each extra prompt to every
+It also records the leakage check of the extra data (``data_leakage_check.py``: MiniLM cosine of each extra prompt to every
 validation and test prompt).
 
     OMP_NUM_THREADS=1 python scripts/detector_data_experiment.py [--out benchmarks/results/eval/repe_detector_data.json]
@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from data_leakage_check import leakage
 from detector_common import prompt_sets, read_pools
 
 from safeguard.adapters import CausalLMAdapter
@@ -138,41 +139,6 @@ def paired_bootstrap(a: dict, b: dict, split: str, reps: int = 2000, seed: int =
         "ci95": [float(d.quantile(0.025)), float(d.quantile(0.975))],
         "p_le_0": float((d <= 0).float().mean()),
     }
-
-
-@torch.no_grad()
-def leakage() -> dict:
-    """Max MiniLM cosine of each extra prompt (both sides) to every validation / test prompt."""
-    from safeguard.eval.llm import MiniLMRefusalJudge
-
-    judge = MiniLMRefusalJudge()
-    extra = [t for p in data.extra_pairs() for t in (p["harmful"], p["harmless"])]
-    e = judge._embed(extra)
-    refs = {
-        "test": [t for p in data.harmful_pairs("test") for t in (p["harmful"], p["harmless"])]
-        + [p["prompt"] for p in data.scary_harmless("test")],
-        "val": [t for p in data.harmful_pairs("val") for t in (p["harmful"], p["harmless"])],
-    }
-    old_train = [t for p in data.harmful_pairs("train") for t in (p["harmful"], p["harmless"])]
-    old_train += [p["prompt"] for p in data.scary_harmless("train")]
-    e_old = judge._embed(old_train)
-    out = {}
-    for name, texts in refs.items():
-        r = judge._embed(texts)
-        for label, src in (("extra", e), ("old_train", e_old)):
-            mx = (src @ r.T).max(1).values
-            q = mx.quantile(torch.tensor([0.5, 0.9, 0.99]))
-            out[f"{label}_vs_{name}"] = {
-                "n": len(mx),
-                "mean": float(mx.mean()),
-                "median": float(q[0]),
-                "p90": float(q[1]),
-                "p99": float(q[2]),
-                "max": float(mx.max()),
-                "n_over_0.75": int((mx > 0.75).sum()),
-                "n_over_0.85": int((mx > 0.85).sum()),
-            }
-    return out
 
 
 def row(name: str, r: dict) -> str:

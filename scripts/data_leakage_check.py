@@ -1,0 +1,99 @@
+"""Leakage check of the training-only LLM data: how close is each item to a validation or test prompt?
+
+The extra training files (``harmful_harmless_pairs_extra.json``, ``harmless_scary_words_extra.json``) must not
+restate held-out prompts, or the held-out numbers would measure memory. For every training-only prompt
+(both sides of the extra pairs; the extra scary-word prompts) this prints the distribution of its highest
+MiniLM cosine to the validation and test prompts (both sides of the pairs, the scary-word test prompts),
+with the original training split as the reference, and lists every item above ``--max`` (0.75, the bar the
+files were written to). Exit status 1 if any item is above it.
+
+    python scripts/data_leakage_check.py [--max 0.75] [--out benchmarks/results/eval/llm_data_leakage.json]
+
+About 20 seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from safeguard.steering import data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def held_out() -> dict[str, list[str]]:
+    """The validation and test prompts, by split."""
+    return {
+        "test": [t for p in data.harmful_pairs("test") for t in (p["harmful"], p["harmless"])]
+        + [p["prompt"] for p in data.scary_harmless("test")],
+        "val": [t for p in data.harmful_pairs("val") for t in (p["harmful"], p["harmless"])],
+    }
+
+
+def training_sets() -> dict[str, list[tuple[str, str]]]:
+    """``{name: [(id, prompt)]}``: the training-only files and, as the reference, the original training split."""
+    return {
+        "extra_pairs": [(p["id"], t) for p in data.extra_pairs() for t in (p["harmful"], p["harmless"])],
+        "extra_scary": [(p["id"], p["prompt"]) for p in data.extra_scary_harmless()],
+        "old_train": [(p["id"], t) for p in data.harmful_pairs("train") for t in (p["harmful"], p["harmless"])]
+        + [(p["id"], p["prompt"]) for p in data.scary_harmless("train")],
+    }
+
+
+@torch.no_grad()
+def leakage(threshold: float = 0.75) -> dict[str, dict]:
+    """``{"<set>_vs_<split>": stats}`` of each item's highest cosine to that split, and the items above ``threshold``."""
+    from safeguard.eval.llm import MiniLMRefusalJudge
+
+    embed = MiniLMRefusalJudge()._embed
+    refs = {name: embed(texts) for name, texts in held_out().items()}
+    out = {}
+    for name, items in training_sets().items():
+        e = embed([t for _, t in items])
+        for split, r in refs.items():
+            mx = (e @ r.T).max(1).values
+            q = mx.quantile(torch.tensor([0.5, 0.9, 0.99]))
+            over = [{"id": items[i][0], "cosine": round(float(mx[i]), 4)} for i in torch.nonzero(mx > threshold)[:, 0]]
+            out[f"{name}_vs_{split}"] = {
+                "n": len(mx),
+                "mean": float(mx.mean()),
+                "median": float(q[0]),
+                "p90": float(q[1]),
+                "p99": float(q[2]),
+                "max": float(mx.max()),
+                "n_over_0.75": int((mx > 0.75).sum()),
+                "n_over_0.85": int((mx > 0.85).sum()),
+                "over_threshold": over if name != "old_train" else [],
+            }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max", type=float, default=0.75, help="highest cosine allowed for a training-only item")
+    ap.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
+    args = ap.parse_args()
+    res = leakage(args.max)
+    bad = 0
+    for k, v in res.items():
+        print(
+            f"{k:20s} n={v['n']:3d} mean {v['mean']:.3f} median {v['median']:.3f} p90 {v['p90']:.3f} "
+            f"p99 {v['p99']:.3f} max {v['max']:.3f}"
+        )
+        for item in v["over_threshold"]:
+            print(f"  above {args.max}: {item['id']} ({item['cosine']:.3f})")
+            bad += 1
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"max_allowed": args.max, "sets": res}, indent=1) + "\n")
+    print("ok: no training-only item above the bar" if not bad else f"{bad} training-only items above {args.max}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
