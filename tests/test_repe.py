@@ -357,6 +357,20 @@ def test_extra_scary_prompts_are_training_only():
         data.scary_harmless("test", extra=True)
 
 
+def test_training_only_data_is_far_from_held_out_prompts():
+    """The leakage check of the extra training files passes (no item above MiniLM cosine 0.75 to val/test)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "scripts/data_leakage_check.py"], capture_output=True, text=True, cwd=repo, timeout=300
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "extra_scary_vs_test  n=200" in res.stdout and "extra_pairs_vs_test  n=480" in res.stdout
+
+
 def test_refusal_judges():
     from safeguard.eval.llm import MiniLMRefusalJudge, is_refusal_phrase
 
