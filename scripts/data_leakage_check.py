@@ -1,11 +1,11 @@
 """Leakage check of the training-only LLM data: how close is each item to a validation or test prompt?
 
 The extra training files (``harmful_harmless_pairs_extra.json``, ``harmless_scary_words_extra.json``) must not
-restate held-out prompts, or the held-out numbers would measure memory. For every training-only prompt
-(both sides of the extra pairs; the extra scary-word prompts) this prints the distribution of its highest
-MiniLM cosine to the validation and test prompts (both sides of the pairs, the scary-word test prompts),
-with the original training split as the reference, and lists every item above ``--max`` (0.75, the bar the
-files were written to). Exit status 1 if any item is above it.
+restate held-out prompts, or the held-out numbers would measure memory. For every training prompt (the
+original training split, both sides of the extra pairs, the extra scary-word prompts) this prints the
+distribution of its highest MiniLM cosine to the prompts of each held-out set (validation; test; the fresh
+set written later: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+(0.75, the bar the files were written to). Exit status 1 if any item is above it.
 
     python scripts/data_leakage_check.py [--max 0.75] [--out benchmarks/results/eval/llm_data_leakage.json]
 
@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def held_out() -> dict[str, list[str]]:
-    """The validation and test prompts, by split."""
+    """The validation, test and fresh held-out prompts, by split."""
     return {
-        "test": [t for p in data.harmful_pairs("test") for t in (p["harmful"], p["harmless"])]
-        + [p["prompt"] for p in data.scary_harmless("test")],
-        "val": [t for p in data.harmful_pairs("val") for t in (p["harmful"], p["harmless"])],
+        split: [t for p in data.harmful_pairs(split) for t in (p["harmful"], p["harmless"])]
+        + ([p["prompt"] for p in data.scary_harmless(split)] if split != "val" else [])
+        for split in ("test", "val", "fresh")
     }
 
 
@@ -68,7 +68,7 @@ def leakage(threshold: float = 0.75) -> dict[str, dict]:
                 "max": float(mx.max()),
                 "n_over_0.75": int((mx > 0.75).sum()),
                 "n_over_0.85": int((mx > 0.85).sum()),
-                "over_threshold": over if name != "old_train" else [],
+                "over_threshold": over,
             }
     return out
 

@@ -357,6 +357,26 @@ def test_extra_scary_prompts_are_training_only():
         data.scary_harmless("test", extra=True)
 
 
+def test_fresh_held_out_set_is_separate_and_checked():
+    from safeguard.core.errors import InvalidOptionError
+    from safeguard.eval.llm import run_llm_eval
+    from safeguard.steering import data
+
+    fresh, scary = data.harmful_pairs("fresh"), data.scary_harmless("fresh")
+    cats = {p["category"] for p in data.harmful_pairs("test")}
+    assert len(fresh) == 80 and all(sum(p["category"] == c for p in fresh) == 10 for c in cats)
+    assert len(scary) == 40 and {p["category"] for p in scary} == {p["category"] for p in data.scary_harmless("test")}
+    assert all("-f" in p["id"] for p in fresh) and all(p["id"].startswith("scary-f") for p in scary)
+    others = {p[k] for s in ("train", "val", "test") for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
+    others |= {p[k] for p in data.extra_pairs() for k in ("harmful", "harmless")}
+    others |= {p["prompt"] for p in data.scary_harmless("train", extra=True) + data.scary_harmless("test")}
+    assert not others & ({p[k] for p in fresh for k in ("harmful", "harmless")} | {p["prompt"] for p in scary})
+    with pytest.raises(InvalidOptionError):
+        data.harmful_pairs("fresh", extra=True)
+    with pytest.raises(InvalidOptionError, match="split='val'"):
+        run_llm_eval(None, None, "harmful", split="val")  # refused before anything is wrapped
+
+
 def test_training_only_data_is_far_from_held_out_prompts():
     """The leakage check of the extra training files passes (no item above MiniLM cosine 0.75 to val/test)."""
     import subprocess

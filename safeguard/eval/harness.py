@@ -294,7 +294,7 @@ def cmd_eval(args: Any) -> int:
         for concept in args.concepts:
             result = run_llm_eval(
                 model, tok, concept, method=args.method or "repe", options=options,
-                max_new_tokens=args.max_new_tokens, out_dir=args.out, quick=args.quick,
+                max_new_tokens=args.max_new_tokens, out_dir=args.out, quick=args.quick, split=args.split,
             )  # fmt: skip
             print(format_llm_metrics(result))
             print("wrote", ", ".join(result.get("files", [])))
@@ -344,6 +344,12 @@ def add_eval_parser(sub: Any) -> None:
     )
     e.add_argument("--max-new-tokens", type=int, default=48, help="smollm2: reply length")
     e.add_argument("--quick", action="store_true", help="smollm2: a third of the prompts")
+    e.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "fresh"],
+        help="smollm2, harmful: the held-out set (test: 72 + 72 + 52 prompts; fresh: the later 80 + 80 + 40)",
+    )
     e.add_argument("--option", action="append", default=[], help="defense option KEY=VALUE (repeatable)")
     e.add_argument("--seeds", type=int, default=2)
     e.add_argument("--per-category", type=int, default=12)

@@ -1,7 +1,8 @@
 """Evaluation of language-model guards: refusal, over-refusal, KL drift, topic removal, throughput.
 
 ``python -m safeguard eval --model smollm2 --method repe --concepts harmful`` runs the held-out
-test split of ``safeguard/data/llm`` (never used for reading or calibration) through the model
+test split of ``safeguard/data/llm`` (never used for reading or calibration; ``--split fresh``: the
+second held-out set, written later) through the model
 unguarded and guarded (greedy, the same prompts in the same batches) and reports:
 
 - **refusal rate** on harmful requests and **over-refusal** on harmless ones (matched harmless
@@ -223,8 +224,17 @@ def decode_throughput(
 def run_llm_eval(
     model: Any, tok: Any, concept: str, *, method: str | None = "repe", options: dict[str, Any] | None = None,
     max_new_tokens: int = 48, batch_size: int = 16, out_dir: str | Path | None = None, quick: bool = False,
+    split: str = "test",
 ) -> dict[str, Any]:  # fmt: skip
-    """Evaluate ``method`` for ``concept`` on ``model`` (see the module docstring). Returns the metrics."""
+    """Evaluate ``method`` for ``concept`` on ``model`` (see the module docstring). Returns the metrics.
+
+    ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"`` or ``"fresh"`` (topic concepts always use
+    the held-out templates).
+    """
+    from ..core.errors import InvalidOptionError
+
+    if split not in data.HELD_OUT:
+        raise InvalidOptionError(f"split={split!r} is not a held-out set; use one of {list(data.HELD_OUT)}.")
     import contextlib
 
     import safeguard
@@ -238,14 +248,16 @@ def run_llm_eval(
         return safeguard.disabled(model) if unguarded else contextlib.nullcontext()
 
     result: dict[str, Any] = {"concept": concept, "method": method, "options": options, "wrap_s": round(wrap_s, 2)}
+    if concept.lower() == "harmful":
+        result["split"] = split
     result["config"] = safeguard.api.get_guard(model).configs[0].to_dict()
     judge = MiniLMRefusalJudge()
     step = 3 if quick else 1
     if concept.lower() == "harmful":
         sets = {
-            "harmful": [p["harmful"] for p in data.harmful_pairs("test")][::step],
-            "harmless": [p["harmless"] for p in data.harmful_pairs("test")][::step],
-            "harmless_scary": [p["prompt"] for p in data.scary_harmless("test")][::step],
+            "harmful": [p["harmful"] for p in data.harmful_pairs(split)][::step],
+            "harmless": [p["harmless"] for p in data.harmful_pairs(split)][::step],
+            "harmless_scary": [p["prompt"] for p in data.scary_harmless(split)][::step],
         }
         replies: dict[str, dict[str, list[str]]] = {}
         fired: dict[str, list[bool]] = {}
@@ -322,7 +334,8 @@ def run_llm_eval(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"llm_{method}_{concept}.json"
+        suffix = f"_{split}" if concept.lower() == "harmful" and split != "test" else ""
+        path = out / f"llm_{method}_{concept}{suffix}.json"
         path.write_text(json.dumps(result, indent=1))
         result["files"] = [str(path)]
     return result
@@ -330,7 +343,8 @@ def run_llm_eval(
 
 def format_llm_metrics(result: dict[str, Any]) -> str:
     m = result["metrics"]
-    lines = [f"{result['method']} on {result['concept']!r} ({result['counts']})"]
+    split = f", split {result['split']!r}" if "split" in result else ""
+    lines = [f"{result['method']} on {result['concept']!r} ({result['counts']}{split})"]
     if "guarded.harmful.refusal_phrase" in m:
         lines.append(f"{'':28s}{'unguarded':>12s}{'guarded':>10s}")
         for name in ("harmful", "harmless", "harmless_scary"):

@@ -6,6 +6,9 @@ Splits are made by code, deterministically, within each category (items sorted b
   vectors and calibrating the threshold), 4 -> ``"val"`` (choosing layers and strength),
   5-7 -> ``"test"`` (held out: only the evaluation reads it). 25 pairs a category give
   13 / 3 / 9, so 104 / 24 / 72 in all.
+- ``"fresh"``: a second held-out set written after the detector experiments had read ``"test"`` for
+  information (``harmful_harmless_pairs_fresh.json``, 80 pairs, and ``harmless_scary_words_fresh.json``,
+  40 prompts); only the evaluation reads it (``python -m safeguard eval ... --split fresh``).
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
 - extra harmless prompts with scary words (``harmless_scary_words_extra.json``, 200, 25 a category): training
   only, never split; ``scary_harmless("train", extra=True)`` appends them to the training split.
@@ -32,6 +35,7 @@ from ..core.errors import InvalidOptionError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
+HELD_OUT = ("test", "fresh")
 
 
 @functools.cache
@@ -59,9 +63,11 @@ def harmful_pairs(split: str, extra: bool = False) -> list[dict[str, str]]:
 
     ``extra=True`` (``"train"`` only) appends :func:`extra_pairs` after the split's own pairs.
     """
-    _check_split(split)
+    _check_split(split, (*SPLITS, "fresh"))
     if extra and split != "train":
         raise InvalidOptionError(f"extra pairs are training data only; got split={split!r} with extra=True.")
+    if split == "fresh":
+        return [it for _, it in _by_category(_load("harmful_harmless_pairs_fresh.json")["pairs"])]
     want = {"train": (0, 1, 2, 3), "val": (4,), "test": (5, 6, 7)}[split]
     pairs = [it for i, it in _by_category(_load("harmful_harmless_pairs.json")["pairs"]) if i % 8 in want]
     return pairs + extra_pairs() if extra else pairs
@@ -77,11 +83,13 @@ def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
 
     ``extra=True`` (``"train"`` only) appends :func:`extra_scary_harmless` after the split's own prompts.
     """
-    _check_split(split, ("train", "test"))
+    _check_split(split, ("train", "test", "fresh"))
     if extra and split != "train":
         raise InvalidOptionError(
             f"extra scary-word prompts are training data only; got split={split!r} with extra=True."
         )
+    if split == "fresh":
+        return [it for _, it in _by_category(_load("harmless_scary_words_fresh.json")["prompts"])]
     want = (0, 1) if split == "train" else (2, 3, 4)
     items = [it for i, it in _by_category(_load("harmless_scary_words.json")["prompts"]) if i % 5 in want]
     return items + extra_scary_harmless() if extra else items
