@@ -4,6 +4,9 @@
   held-out test), each a list of raw requests (the chat template is applied when reading);
 - :func:`read_pools`: last-token and request-mean states of those sets, read set by set as calibration does;
 - :func:`save_states` / :func:`load_states`: a safetensors cache of them (``--states``);
+- :func:`lda_scores`: a shrunk Fisher direction per layer fitted on training states, its out-of-fold training
+  scores and its validation / test scores;
+- :func:`write_result`: the experiment's JSON result;
 - :func:`standardised_sum` and :func:`detector_metrics`: a detector made of several views (each view's cosine
   standardised by its out-of-fold mean and std, then summed, as :mod:`safeguard.steering.detector` does for
   ``"both"``) and its calibration metrics (threshold by ``TPR - 1.5 FPR``, best TPR within FPR budgets) with
@@ -16,6 +19,7 @@ other keys are carried through the sum.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.steering import data
-from safeguard.steering.calibrate import auroc, best_threshold, roc_points
-from safeguard.steering.reading import collect_states
+from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores, roc_points
+from safeguard.steering.reading import collect_states, lda_directions, projections
 
 POOLS = ("last", "prompt")
 
@@ -83,6 +87,33 @@ def load_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         pool, name = key.split("/", 1)
         out.setdefault(pool, {})[name] = v
     return out
+
+
+def lda_scores(
+    s: dict[str, torch.Tensor], pos: torch.Tensor, neg: torch.Tensor, shrinkage: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``(scores, directions)``: per-layer cosine scores ``[L, N]`` of LDA directions fitted on ``pos`` / ``neg``.
+
+    ``scores`` holds the out-of-fold training scores (5 folds, calibrate.py's folds) and the projections of the
+    validation and test sets of ``s`` (one pool's ``{set: [L, N, d]}``); ``directions`` is the full fit ``[L, d]``.
+    """
+
+    def fit(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        return lda_directions(p, n, shrinkage)
+
+    dirs = fit(pos, neg)
+    oof_p, oof_n = out_of_fold_scores(pos, neg, fit)
+    held = {"val_p": "val_harmful", "val_n": "val_harmless", "test_p": "test_harmful"}
+    held |= {"test_h": "test_harmless", "test_s": "scary_test"}
+    return {"oof_p": oof_p, "oof_n": oof_n} | {k: projections(s[name], dirs) for k, name in held.items()}, dirs
+
+
+def write_result(result: dict, path: Path) -> None:
+    """Write an experiment's result as indented JSON (folders created) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def standardised_sum(views: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -37,14 +37,13 @@ from pathlib import Path
 
 import torch
 from data_leakage_check import leakage
-from detector_common import prompt_sets, read_pools
+from detector_common import lda_scores, prompt_sets, read_pools, write_result
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
 from safeguard.steering import data
 from safeguard.steering.build import SHIPPED_DIR
-from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores, select_condition_layer
-from safeguard.steering.reading import lda_directions, projections
+from safeguard.steering.calibrate import auroc, best_threshold, select_condition_layer
 
 LDA_SHRINKAGE = 0.7  # the detector shipped when this experiment ran (READING_VERSION 7)
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +69,7 @@ def extra_subset(states: torch.Tensor, per_category: int) -> torch.Tensor:
     return states[:, keep]
 
 
-def evaluate(s: dict[str, torch.Tensor], extra_per_category: int, shrinkage: float, folds: int = 5) -> dict:
+def evaluate(s: dict[str, torch.Tensor], extra_per_category: int, shrinkage: float) -> dict:
     """Per-layer detection table and calibrate.py's choices for one training set and shrinkage."""
     n_old, n_scary = s["train_harmful"].shape[1], s["scary_train"].shape[1]
     x_pos = extra_subset(s["extra_harmful"], extra_per_category)
@@ -78,16 +77,10 @@ def evaluate(s: dict[str, torch.Tensor], extra_per_category: int, shrinkage: flo
     n_extra = x_pos.shape[1]
     pos = torch.cat([s["train_harmful"], x_pos], dim=1)
     neg = torch.cat([s["train_harmless"], x_neg, s["scary_train"]], dim=1)
-
-    def fit(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        return lda_directions(p, n, shrinkage)
-
-    dirs = fit(pos, neg)
-    oof_p, oof_n = out_of_fold_scores(pos, neg, fit, folds=folds)
+    sc, _ = lda_scores(s, pos, neg, shrinkage)
+    oof_p, oof_n, v_p, v_n = sc["oof_p"], sc["oof_n"], sc["val_p"], sc["val_n"]
+    t_p, t_h, t_s = sc["test_p"], sc["test_h"], sc["test_s"]
     orig_neg = torch.cat([torch.arange(n_old), torch.arange(n_old + n_extra, n_old + n_extra + n_scary)])
-    v_p, v_n = projections(s["val_harmful"], dirs), projections(s["val_harmless"], dirs)
-    t_p = projections(s["test_harmful"], dirs)
-    t_h, t_s = projections(s["test_harmless"], dirs), projections(s["scary_test"], dirs)
     t_n = torch.cat([t_h, t_s], dim=1)
     layer, base = select_condition_layer(v_p, v_n, oof_p, oof_n)  # calibrate.py's rule and table
     table = [
@@ -253,10 +246,7 @@ def main() -> None:
         "leakage": leak,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result(result, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -33,18 +33,27 @@ About 6 minutes on 2 CPU cores (``--states`` keeps the read states for a rerun).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from detector_common import POOLS, detector_metrics, load_states, prompt_sets, read_pools, save_states, standardised_sum
+from detector_common import (
+    POOLS,
+    detector_metrics,
+    lda_scores,
+    load_states,
+    prompt_sets,
+    read_pools,
+    save_states,
+    standardised_sum,
+    write_result,
+)
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
-from safeguard.steering.calibrate import out_of_fold_scores, roc_points, select_condition_layer
-from safeguard.steering.reading import lda_directions, projections
+from safeguard.steering.calibrate import roc_points, select_condition_layer
+from safeguard.steering.reading import projections
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_negatives.json"
@@ -69,13 +78,8 @@ def pool_scores(
     pos = [s["train_harmful"]] + ([s["extra_harmful"]] if extra else [])
     neg = [s["train_harmless"]] + ([s["extra_harmless"]] if extra else []) + [s["scary_train"]]
     neg += [s["scary_extra"]] if scary else []
-    pos_t, neg_t = torch.cat(pos, dim=1), torch.cat(neg, dim=1)
-
-    def fit(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        return lda_directions(p, n, shrinkage)
-
-    dirs = fit(pos_t, neg_t)
-    oof_p, oof_n = out_of_fold_scores(pos_t, neg_t, fit)
+    scores, dirs = lda_scores(s, torch.cat(pos, dim=1), torch.cat(neg, dim=1), shrinkage)
+    oof_p, oof_n = scores["oof_p"], scores["oof_n"]
     n_h, n_xh, n_s = (
         s["train_harmless"].shape[1],
         s["extra_harmless"].shape[1] if extra else 0,
@@ -83,14 +87,7 @@ def pool_scores(
     )
     orig_neg = torch.cat([torch.arange(n_h), torch.arange(n_h + n_xh, n_h + n_xh + n_s)])
     scary_extra = oof_n[:, n_h + n_xh + n_s :] if scary else projections(s["scary_extra"], dirs)
-    return {
-        "oof_p": oof_p,
-        "oof_n": oof_n,
-        "val_p": projections(s["val_harmful"], dirs),
-        "val_n": projections(s["val_harmless"], dirs),
-        "test_p": projections(s["test_harmful"], dirs),
-        "test_h": projections(s["test_harmless"], dirs),
-        "test_s": projections(s["scary_test"], dirs),
+    return scores | {
         "common_p": oof_p[:, : s["train_harmful"].shape[1]],
         "common_n": oof_n[:, orig_neg],
         "scary_extra": scary_extra,
@@ -189,9 +186,7 @@ def main() -> None:
         "runs": runs,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

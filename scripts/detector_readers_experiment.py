@@ -28,14 +28,13 @@ About 6 minutes on 2 CPU cores (4 to read the states; ``--states`` keeps them fo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from detector_common import detector_metrics, standardised_sum
+from detector_common import detector_metrics, standardised_sum, write_result
 from detector_common import prompt_sets as all_prompt_sets
 from safetensors.torch import load_file, save_file
 
@@ -236,9 +235,7 @@ def main() -> None:
         "runs": runs,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

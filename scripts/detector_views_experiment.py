@@ -27,18 +27,26 @@ About 5 minutes on 2 CPU cores (``--states`` keeps the read states for a rerun).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from detector_common import POOLS, detector_metrics, load_states, prompt_sets, read_pools, save_states, standardised_sum
+from detector_common import (
+    POOLS,
+    detector_metrics,
+    lda_scores,
+    load_states,
+    prompt_sets,
+    read_pools,
+    save_states,
+    standardised_sum,
+    write_result,
+)
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.models import smollm2
-from safeguard.steering.calibrate import auroc, out_of_fold_scores
-from safeguard.steering.reading import lda_directions, projections
+from safeguard.steering.calibrate import auroc
 
 LDA_SHRINKAGE = 0.7  # the detector shipped when this experiment ran (READING_VERSION 7)
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,27 +55,9 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_views.js
 
 def pool_scores(s: dict[str, torch.Tensor], extra: bool, shrinkage: float) -> dict[str, torch.Tensor]:
     """Per-layer cosine scores ``[L, N]`` of one pool: out-of-fold training, validation and test."""
-    pos = s["train_harmful"]
-    neg = [s["train_harmless"]]
-    if extra:
-        pos = torch.cat([pos, s["extra_harmful"]], dim=1)
-        neg.append(s["extra_harmless"])
-    neg = torch.cat([*neg, s["scary_train"]], dim=1)
-
-    def fit(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        return lda_directions(p, n, shrinkage)
-
-    dirs = fit(pos, neg)
-    oof_p, oof_n = out_of_fold_scores(pos, neg, fit)
-    return {
-        "oof_p": oof_p,
-        "oof_n": oof_n,
-        "val_p": projections(s["val_harmful"], dirs),
-        "val_n": projections(s["val_harmless"], dirs),
-        "test_p": projections(s["test_harmful"], dirs),
-        "test_h": projections(s["test_harmless"], dirs),
-        "test_s": projections(s["scary_test"], dirs),
-    }
+    pos = [s["train_harmful"]] + ([s["extra_harmful"]] if extra else [])
+    neg = [s["train_harmless"]] + ([s["extra_harmless"]] if extra else []) + [s["scary_train"]]
+    return lda_scores(s, torch.cat(pos, dim=1), torch.cat(neg, dim=1), shrinkage)[0]
 
 
 def ranking(sc: dict[str, torch.Tensor]) -> list[int]:
@@ -141,10 +131,7 @@ def main() -> None:
         "runs": runs,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result(result, Path(args.out))
 
 
 if __name__ == "__main__":
