@@ -248,15 +248,15 @@ def run_llm_eval(
         return safeguard.disabled(model) if unguarded else contextlib.nullcontext()
 
     result: dict[str, Any] = {"concept": concept, "method": method, "options": options, "wrap_s": round(wrap_s, 2)}
-    if concept.lower() == "harmful":
-        result["split"] = split
     result["config"] = safeguard.api.get_guard(model).configs[0].to_dict()
     judge = MiniLMRefusalJudge()
     step = 3 if quick else 1
     if concept.lower() == "harmful":
+        result["split"] = split
+        pairs = data.harmful_pairs(split)
         sets = {
-            "harmful": [p["harmful"] for p in data.harmful_pairs(split)][::step],
-            "harmless": [p["harmless"] for p in data.harmful_pairs(split)][::step],
+            "harmful": [p["harmful"] for p in pairs][::step],
+            "harmless": [p["harmless"] for p in pairs][::step],
             "harmless_scary": [p["prompt"] for p in data.scary_harmless(split)][::step],
         }
         replies: dict[str, dict[str, list[str]]] = {}
@@ -334,7 +334,7 @@ def run_llm_eval(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        suffix = f"_{split}" if concept.lower() == "harmful" and split != "test" else ""
+        suffix = f"_{result['split']}" if result.get("split", "test") != "test" else ""
         path = out / f"llm_{method}_{concept}{suffix}.json"
         path.write_text(json.dumps(result, indent=1))
         result["files"] = [str(path)]

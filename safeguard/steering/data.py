@@ -53,6 +53,11 @@ def _by_category(items: list[dict]) -> list[tuple[int, dict]]:
     return out
 
 
+def _whole(name: str, key: str) -> list[dict]:
+    """Every item of an unsplit file (extra training data, the fresh held-out set), in category then id order."""
+    return [it for _, it in _by_category(_load(name)[key])]
+
+
 def _check_split(split: str, allowed: tuple[str, ...] = SPLITS) -> None:
     if split not in allowed:
         raise InvalidOptionError(f"split={split!r} is not one of {list(allowed)}.")
@@ -67,7 +72,7 @@ def harmful_pairs(split: str, extra: bool = False) -> list[dict[str, str]]:
     if extra and split != "train":
         raise InvalidOptionError(f"extra pairs are training data only; got split={split!r} with extra=True.")
     if split == "fresh":
-        return [it for _, it in _by_category(_load("harmful_harmless_pairs_fresh.json")["pairs"])]
+        return _whole("harmful_harmless_pairs_fresh.json", "pairs")
     want = {"train": (0, 1, 2, 3), "val": (4,), "test": (5, 6, 7)}[split]
     pairs = [it for i, it in _by_category(_load("harmful_harmless_pairs.json")["pairs"]) if i % 8 in want]
     return pairs + extra_pairs() if extra else pairs
@@ -75,7 +80,7 @@ def harmful_pairs(split: str, extra: bool = False) -> list[dict[str, str]]:
 
 def extra_pairs() -> list[dict[str, str]]:
     """The 240 extra training pairs (ids ``<category>-x001``...), in category then id order."""
-    return [it for _, it in _by_category(_load("harmful_harmless_pairs_extra.json")["pairs"])]
+    return _whole("harmful_harmless_pairs_extra.json", "pairs")
 
 
 def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
@@ -89,7 +94,7 @@ def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
             f"extra scary-word prompts are training data only; got split={split!r} with extra=True."
         )
     if split == "fresh":
-        return [it for _, it in _by_category(_load("harmless_scary_words_fresh.json")["prompts"])]
+        return _whole("harmless_scary_words_fresh.json", "prompts")
     want = (0, 1) if split == "train" else (2, 3, 4)
     items = [it for i, it in _by_category(_load("harmless_scary_words.json")["prompts"]) if i % 5 in want]
     return items + extra_scary_harmless() if extra else items
@@ -97,7 +102,7 @@ def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
 
 def extra_scary_harmless() -> list[dict[str, str]]:
     """The 200 extra training-only scary-word harmless prompts (ids ``scary-x001``...), in category then id order."""
-    return [it for _, it in _by_category(_load("harmless_scary_words_extra.json")["prompts"])]
+    return _whole("harmless_scary_words_extra.json", "prompts")
 
 
 def refusal_exemplars() -> tuple[list[str], list[str]]:
