@@ -1,10 +1,10 @@
 """Leakage check of the training-only LLM data: how close is each item to a validation or test prompt?
 
-The extra training files (``harmful_harmless_pairs_extra.json``, ``harmless_scary_words_extra.json``) must not
+The extra training files (``harmful_harmless_pairs_extra*.json``, ``harmless_scary_words_extra*.json``) must not
 restate held-out prompts, or the held-out numbers would measure memory. For every training prompt (the
-original training split, both sides of the extra pairs, the extra scary-word prompts) this prints the
-distribution of its highest MiniLM cosine to the prompts of each held-out set (validation; test; the fresh
-set written later: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+original training split, both sides of the extra pairs, the extra scary-word prompts, of both extra files) this
+prints the distribution of its highest MiniLM cosine to the prompts of each held-out set (validation; test; the
+fresh and fresh2 sets written later: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
 (0.75, the bar the files were written to). Exit status 1 if any item is above it.
 
     python scripts/data_leakage_check.py [--max 0.75] [--out benchmarks/results/eval/llm_data_leakage.json]
@@ -31,15 +31,17 @@ def held_out() -> dict[str, list[str]]:
     return {
         split: [t for p in data.harmful_pairs(split) for t in (p["harmful"], p["harmless"])]
         + ([p["prompt"] for p in data.scary_harmless(split)] if split != "val" else [])
-        for split in ("test", "val", "fresh")
+        for split in ("test", "val", "fresh", "fresh2")
     }
 
 
 def training_sets() -> dict[str, list[tuple[str, str]]]:
     """``{name: [(id, prompt)]}``: the training-only files and, as the reference, the original training split."""
-    return {
-        "extra_pairs": [(p["id"], t) for p in data.extra_pairs() for t in (p["harmful"], p["harmless"])],
-        "extra_scary": [(p["id"], p["prompt"]) for p in data.extra_scary_harmless()],
+    out: dict[str, list[tuple[str, str]]] = {}
+    for which in data.EXTRA:
+        out[f"{which}_pairs"] = [(p["id"], t) for p in data.extra_pairs(which) for t in (p["harmful"], p["harmless"])]
+        out[f"{which}_scary"] = [(p["id"], p["prompt"]) for p in data.extra_scary_harmless(which)]
+    return out | {
         "old_train": [(p["id"], t) for p in data.harmful_pairs("train") for t in (p["harmful"], p["harmless"])]
         + [(p["id"], p["prompt"]) for p in data.scary_harmless("train")],
     }
@@ -82,7 +84,7 @@ def main() -> None:
     bad = 0
     for k, v in res.items():
         print(
-            f"{k:20s} n={v['n']:3d} mean {v['mean']:.3f} median {v['median']:.3f} p90 {v['p90']:.3f} "
+            f"{k:23s} n={v['n']:3d} mean {v['mean']:.3f} median {v['median']:.3f} p90 {v['p90']:.3f} "
             f"p99 {v['p99']:.3f} max {v['max']:.3f}"
         )
         for item in v["over_threshold"]:

@@ -347,8 +347,8 @@ def add_eval_parser(sub: Any) -> None:
     e.add_argument(
         "--split",
         default="test",
-        choices=["test", "fresh"],
-        help="smollm2, harmful: the held-out set (test: 72 + 72 + 52 prompts; fresh: the later 80 + 80 + 40)",
+        choices=["test", "fresh", "fresh2"],
+        help="smollm2, harmful: the held-out set (test: 72 + 72 + 52 prompts; fresh, fresh2: later sets of 80 + 80 + 40)",
     )
     e.add_argument("--option", action="append", default=[], help="defense option KEY=VALUE (repeatable)")
     e.add_argument("--seeds", type=int, default=2)

@@ -228,7 +228,7 @@ def run_llm_eval(
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate ``method`` for ``concept`` on ``model`` (see the module docstring). Returns the metrics.
 
-    ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"`` or ``"fresh"`` (topic concepts always use
+    ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"``, ``"fresh"`` or ``"fresh2"`` (topic concepts always use
     the held-out templates).
     """
     from ..core.errors import InvalidOptionError

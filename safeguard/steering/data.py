@@ -9,12 +9,18 @@ Splits are made by code, deterministically, within each category (items sorted b
 - ``"fresh"``: a second held-out set written after the detector experiments had read ``"test"`` for
   information (``harmful_harmless_pairs_fresh.json``, 80 pairs, and ``harmless_scary_words_fresh.json``,
   40 prompts); only the evaluation reads it (``python -m safeguard eval ... --split fresh``).
+- ``"fresh2"``: a third held-out set, written after the READING_VERSION 8 detector by a writer who saw no other
+  project file (``harmful_harmless_pairs_fresh2.json``, 80 pairs, and ``harmless_scary_words_fresh2.json``, 40 prompts;
+  items within MiniLM cosine 0.75 of a training or validation prompt rewritten); only the evaluation reads it.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
 - extra harmless prompts with scary words (``harmless_scary_words_extra.json``, 200, 25 a category): training
   only, never split; ``scary_harmless("train", extra=True)`` appends them to the training split.
 - extra harmful/harmless pairs (``harmful_harmless_pairs_extra.json``, 240, 30 a category): training
   only, never split; ``harmful_pairs("train", extra=True)`` appends them to the training split. No
   extra prompt has MiniLM cosine above 0.75 to a validation or test prompt.
+- ``extra_pairs("extra2")`` / ``extra_scary_harmless("extra2")``: a second training-only pair of files written for
+  topic breadth (280 pairs, 132 scary-word prompts); none within MiniLM cosine 0.75 of a validation or held-out prompt
+  (test, fresh, fresh2).
 
 Example:
     >>> from safeguard.steering.data import harmful_pairs
@@ -35,7 +41,8 @@ from ..core.errors import InvalidOptionError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
-HELD_OUT = ("test", "fresh")
+HELD_OUT = ("test", "fresh", "fresh2")
+EXTRA = ("extra", "extra2")  # the training-only files, by the suffix of their names
 
 
 @functools.cache
@@ -68,19 +75,26 @@ def harmful_pairs(split: str, extra: bool = False) -> list[dict[str, str]]:
 
     ``extra=True`` (``"train"`` only) appends :func:`extra_pairs` after the split's own pairs.
     """
-    _check_split(split, (*SPLITS, "fresh"))
+    _check_split(split, (*SPLITS, "fresh", "fresh2"))
     if extra and split != "train":
         raise InvalidOptionError(f"extra pairs are training data only; got split={split!r} with extra=True.")
-    if split == "fresh":
-        return _whole("harmful_harmless_pairs_fresh.json", "pairs")
+    if split in ("fresh", "fresh2"):
+        return _whole(f"harmful_harmless_pairs_{split}.json", "pairs")
     want = {"train": (0, 1, 2, 3), "val": (4,), "test": (5, 6, 7)}[split]
     pairs = [it for i, it in _by_category(_load("harmful_harmless_pairs.json")["pairs"]) if i % 8 in want]
     return pairs + extra_pairs() if extra else pairs
 
 
-def extra_pairs() -> list[dict[str, str]]:
-    """The 240 extra training pairs (ids ``<category>-x001``...), in category then id order."""
-    return _whole("harmful_harmless_pairs_extra.json", "pairs")
+def extra_pairs(which: str = "extra") -> list[dict[str, str]]:
+    """Training-only pairs, in category then id order: ``"extra"``, the 240 of ``harmful_harmless_pairs_extra.json``
+    (ids ``<category>-x001``...), or ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...)."""
+    _check_extra(which)
+    return _whole(f"harmful_harmless_pairs_{which}.json", "pairs")
+
+
+def _check_extra(which: str) -> None:
+    if which not in EXTRA:
+        raise InvalidOptionError(f"extra training set {which!r} is not one of {list(EXTRA)}.")
 
 
 def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
@@ -88,21 +102,24 @@ def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
 
     ``extra=True`` (``"train"`` only) appends :func:`extra_scary_harmless` after the split's own prompts.
     """
-    _check_split(split, ("train", "test", "fresh"))
+    _check_split(split, ("train", "test", "fresh", "fresh2"))
     if extra and split != "train":
         raise InvalidOptionError(
             f"extra scary-word prompts are training data only; got split={split!r} with extra=True."
         )
-    if split == "fresh":
-        return _whole("harmless_scary_words_fresh.json", "prompts")
+    if split in ("fresh", "fresh2"):
+        return _whole(f"harmless_scary_words_{split}.json", "prompts")
     want = (0, 1) if split == "train" else (2, 3, 4)
     items = [it for i, it in _by_category(_load("harmless_scary_words.json")["prompts"]) if i % 5 in want]
     return items + extra_scary_harmless() if extra else items
 
 
-def extra_scary_harmless() -> list[dict[str, str]]:
-    """The 200 extra training-only scary-word harmless prompts (ids ``scary-x001``...), in category then id order."""
-    return _whole("harmless_scary_words_extra.json", "prompts")
+def extra_scary_harmless(which: str = "extra") -> list[dict[str, str]]:
+    """Training-only scary-word harmless prompts, in category then id order: ``"extra"``, the 200 of
+    ``harmless_scary_words_extra.json`` (ids ``scary-x001``...), or ``"extra2"``, the 132 of
+    ``harmless_scary_words_extra2.json`` (``scary-y001``...)."""
+    _check_extra(which)
+    return _whole(f"harmless_scary_words_{which}.json", "prompts")
 
 
 def refusal_exemplars() -> tuple[list[str], list[str]]:
