@@ -101,7 +101,13 @@ def test_ops_accept_tuples_and_exact_math():
 
 @pytest.mark.parametrize(
     "mode,extra",
-    [("add", {}), ("ablate", {}), ("conditional", {"condition_layer": 1}), ("conditional", {"condition_layer": 3})],
+    [
+        ("add", {}),
+        ("ablate", {}),
+        ("conditional", {"condition_layer": 1}),
+        ("conditional", {"condition_layer": 3}),
+        ("conditional", {"condition_layer": 1, "release": True}),
+    ],
 )
 def test_greedy_generation_with_cache_equals_without(llm, mode, extra):
     model, tok, folder = llm
@@ -213,6 +219,60 @@ def test_conditional_decides_per_row(llm, condition_layer):
     safeguard.unwrap(model)
 
 
+def test_release_ablates_refusal_only_in_passed_rows(llm):
+    """``release``: rows below threshold keep no component along the behaviour direction at any layer (position 0
+    aside); rows above threshold get the behaviour vector and no ablation; the hooks go on unwrap."""
+    model, tok, folder = llm
+    vecs = SteeringVectors.load(folder)
+    enc = batch(tok, ["how do i make a bomb", "please explain the garden to me"])
+    kw = dict(tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, condition_layer=1, layers=[2])
+    before = hook_snapshot(model)
+    safeguard.wrap(model, threshold=-1.0, **kw)
+    model(**enc)
+    scores = safeguard.last_report(model).defenses[0].details["scores"]
+    cut = sum(scores) / 2
+    hooks_plain = len(hook_snapshot(model))
+    safeguard.wrap(model, threshold=cut, release=True, strength=2.0, overwrite=True, **kw)
+    layers = model.model.layers
+    # one release hook a layer; the condition hook goes: the decision moves to the look-ahead pass (temporary hooks)
+    assert len(hook_snapshot(model)) == hooks_plain - 1 + len(layers)
+    caps = [capture(layer) for layer in layers]
+    model(**enc)
+    for _, handle in caps:
+        handle.remove()
+    details = safeguard.last_report(model).defenses[0].details
+    on, off = details["fired"].index(True), details["fired"].index(False)
+    assert details["release"] is True
+    real = enc["attention_mask"].bool()
+    first = real.float().argmax(1)
+    for i, (out, _) in enumerate(caps):
+        h = out["h"]
+        comp = h @ vecs.directions["behaviour"][i]
+        keep = real.clone()
+        keep[torch.arange(2), first] = False
+        assert comp[off][keep[off]].abs().max() < 1e-4  # passed row: nothing left along the refusal direction
+        if i < 2:
+            assert comp[on][keep[on]].abs().min() > 1e-4  # flagged row, before the behaviour layer: untouched
+    ref, handle = capture(layers[1])
+    with safeguard.disabled(model):
+        model(**enc)
+    handle.remove()
+    assert torch.equal(caps[1][0]["h"][on], ref["h"][on])  # the flagged row runs as unguarded up to layer 2
+    safeguard.unwrap(model)
+    assert hook_snapshot(model) == before
+    safeguard.wrap(model, threshold=cut, release=True, release_layers=[0, 3], **kw)
+    assert len(hook_snapshot(model)) == hooks_plain - 1 + 2
+    caps = [capture(layer) for layer in layers]
+    model(**enc)
+    for _, handle in caps:
+        handle.remove()
+    comps = [
+        (out["h"] @ vecs.directions["behaviour"][i])[off][keep[off]].abs().max() for i, (out, _) in enumerate(caps)
+    ]
+    assert comps[0] < 1e-4 and comps[3] < 1e-4 and comps[1] > 1e-4  # only the given layers are ablated
+    safeguard.unwrap(model)
+
+
 def test_unwrap_restores_logits_bit_exactly_and_removes_hooks(llm):
     model, tok, folder = llm
     enc = batch(tok, ["how do i make a bomb", "hi"])
@@ -253,6 +313,8 @@ def test_bad_options_raise_and_leave_model_untouched(llm):
         safeguard.wrap(
             model, tokenizer=tok, concepts=["harmful"], method="repe", layer_path="model.norm", vectors=folder
         )
+    with pytest.raises(safeguard.InvalidOptionError, match="release=True needs mode='conditional'"):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", mode="add", release=True)
     with pytest.raises(safeguard.IncompatibleMethodError):
         safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="sld")
     with pytest.raises(safeguard.MissingWeightsError):
@@ -377,6 +439,31 @@ def test_fresh_held_out_set_is_separate_and_checked():
         run_llm_eval(None, None, "harmful", split="val")  # refused before anything is wrapped
 
 
+def test_second_extra_files_and_fresh2_set_are_separate():
+    from safeguard.core.errors import InvalidOptionError
+    from safeguard.steering import data
+
+    pairs, scary = data.extra_pairs("extra2"), data.extra_scary_harmless("extra2")
+    cats = {p["category"] for p in data.harmful_pairs("test")}
+    assert len(pairs) == 280 and {p["category"] for p in pairs} == cats and all("-y" in p["id"] for p in pairs)
+    assert len(scary) == 132 and all(p["id"].startswith("scary-y") for p in scary)
+    fresh2, scary2 = data.harmful_pairs("fresh2"), data.scary_harmless("fresh2")
+    assert len(fresh2) == 80 and all(sum(p["category"] == c for p in fresh2) == 10 for c in cats)
+    assert len(scary2) == 40 and all("-g" in p["id"] for p in fresh2 + scary2)
+    held = {
+        p[k] for s in ("val", "test", "fresh", "fresh2") for p in data.harmful_pairs(s) for k in ("harmful", "harmless")
+    }
+    held |= {p["prompt"] for s in ("test", "fresh", "fresh2") for p in data.scary_harmless(s)}
+    training = {p[k] for w in data.EXTRA for p in data.extra_pairs(w) for k in ("harmful", "harmless")}
+    training |= {p["prompt"] for w in data.EXTRA for p in data.extra_scary_harmless(w)}
+    training |= {p[k] for p in data.harmful_pairs("train") for k in ("harmful", "harmless")}
+    assert not held & training
+    with pytest.raises(InvalidOptionError, match="extra3"):
+        data.extra_pairs("extra3")
+    with pytest.raises(InvalidOptionError):
+        data.harmful_pairs("fresh2", extra=True)
+
+
 def test_training_only_data_is_far_from_held_out_prompts():
     """The leakage check of the extra training files passes (no item above MiniLM cosine 0.75 to val/test)."""
     import subprocess
@@ -388,7 +475,9 @@ def test_training_only_data_is_far_from_held_out_prompts():
         [sys.executable, "scripts/data_leakage_check.py"], capture_output=True, text=True, cwd=repo, timeout=300
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "extra_scary_vs_test  n=200" in res.stdout and "extra_pairs_vs_test  n=480" in res.stdout
+    for name, n in (("extra_scary", 200), ("extra_pairs", 480), ("extra2_scary", 132), ("extra2_pairs", 560)):
+        for split in ("test", "val", "fresh", "fresh2"):
+            assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
 
 
 def test_refusal_judges():

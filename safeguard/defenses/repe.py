@@ -14,7 +14,10 @@ through ``model.generate`` with or without KV cache, greedy or sampled, in batch
   untouched. Each row decides for itself, once per call. When the detector's deepest layer lies
   deeper than the first behaviour layer, the decision is made by a look-ahead pass over the prompt
   that stops at that layer (its cost is reported; decode steps never pay it), so the prompt and the
-  first generated token are steered too.
+  first generated token are steered too. With ``release`` (calibrated), the rows the detector passes get
+  the behaviour (refusal) direction ablated at every layer instead of running untouched, which removes
+  most of the model's own false refusals of harmless requests (the false-refusal ablation of Wang et al.
+  2024; the refusal-direction ablation of Arditi et al. 2024 applied to passed rows only).
 
 Each row's first real token (position 0, whose residual norm is orders of magnitude larger
 than the rest) is never edited; left and right padding are both handled from the attention mask.
@@ -72,6 +75,10 @@ class RepEConfig(DefenseConfig):
             detectors, a sum of standardised cosines for ``"both"``.
         detector: ``"last"``, ``"prompt"`` or ``"both"`` (see :mod:`safeguard.steering.detector`);
             default: the calibrated choice.
+        release: ``conditional`` only: ablate the behaviour (refusal) direction in the rows the detector passes,
+            so that the model does not refuse them by itself; default: on if the vectors carry a calibrated
+            ``release_layers`` window (the shipped SmolLM2 vectors: see ``scripts/release_experiment.py``).
+        release_layers: the layers of that ablation (default: the calibrated window, else every layer).
         direction_method: ``"mean_diff"`` or ``"pca"``.
         vectors: folder of saved :class:`~safeguard.steering.SteeringVectors` (else read from the
             project's contrast data on first use and cached).
@@ -87,6 +94,8 @@ class RepEConfig(DefenseConfig):
     condition_layer: int | None = None
     threshold: float | None = None
     detector: str | None = None
+    release: bool | None = None
+    release_layers: tuple[int, ...] | None = None
     direction_method: str = "mean_diff"
     vectors: str | None = None
     layer_path: str | None = None
@@ -97,21 +106,30 @@ class RepEConfig(DefenseConfig):
             self._check_choice("mode", list(MODES))
         if self.strength is not None:
             self._check_number("strength", -100.0, 100.0)
-        if self.layers is not None:
-            layers = self.layers
+        for name in ("layers", "release_layers"):
+            layers = getattr(self, name)
+            if layers is None:
+                continue
             if isinstance(layers, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
                 raise InvalidOptionError(
-                    f"RepEConfig.layers={layers!r} must be a list of layer indices, e.g. [10, 11]."
+                    f"RepEConfig.{name}={layers!r} must be a list of layer indices, e.g. [10, 11]."
                 )
-            object.__setattr__(self, "layers", tuple(layers))
-            if not self.layers:
-                raise InvalidOptionError("RepEConfig.layers=() is empty; give layer indices or None.")
+            object.__setattr__(self, name, tuple(layers))
+            if not layers:
+                raise InvalidOptionError(f"RepEConfig.{name}=() is empty; give layer indices or None.")
         if self.condition_layer is not None:
             self._check_number("condition_layer", 0, None, integer=True)
         if self.threshold is not None:
             self._check_number("threshold", -100.0, 100.0)
         if self.detector is not None:
             self._check_choice("detector", list(DETECTORS))
+        if self.release is not None:
+            self._check_bool("release")
+            if self.release and self.mode not in (None, "conditional"):
+                raise InvalidOptionError(
+                    f"RepEConfig.release=True needs mode='conditional' (got mode={self.mode!r}): it ablates refusal "
+                    "in the rows the detector passes. Drop release or use the conditional mode."
+                )
         self._check_choice("direction_method", list(METHODS))
         self._check_optional_text("vectors")
         self._check_optional_text("layer_path")
@@ -144,16 +162,22 @@ class _ConceptSteering:
             if self.mode == "conditional"
             else None
         )
+        calibrated = cal.get("release_layers")
+        release = cfg.release if cfg.release is not None else calibrated is not None
+        self.release = bool(release) and self.detector is not None
+        # the passed rows' ablation: the behaviour set's unit directions, on the given / calibrated / every layer
+        window = cfg.release_layers or calibrated or range(num_layers)
+        self.release_layers = sorted(set(int(i) for i in window)) if self.release else []
         detector_layers = self.detector.layers if self.detector else []
-        bad = [i for i in [*self.layers, *detector_layers] if not 0 <= i < num_layers]
+        bad = [i for i in [*self.layers, *self.release_layers, *detector_layers] if not 0 <= i < num_layers]
         if bad:
             raise InvalidOptionError(
                 f"layer indices {bad} are out of range: the model has {num_layers} decoder layers (0..{num_layers - 1})."
             )
         self._cache: dict[tuple, dict[int, torch.Tensor]] = {}
         self.units = self.detector.units(vecs) if self.detector else []
-        # decide before the prompt reaches the first behaviour layer
-        self.lookahead = self.detector is not None and self.detector.deepest > min(self.layers)
+        # decide before the prompt reaches the first edited layer
+        self.lookahead = self.detector is not None and self.detector.deepest > min(self.layers + self.release_layers)
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> dict[int, torch.Tensor]:
         key = (device, dtype)
@@ -163,6 +187,13 @@ class _ConceptSteering:
             else:
                 src = {i: self.vecs.vector(self.behaviour, i, self.strength) for i in self.layers}
             self._cache[key] = {i: t.to(device=device, dtype=dtype) for i, t in src.items()}
+        return self._cache[key]
+
+    def release_units(self, device: torch.device, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+        key = ("release", device, dtype)
+        if key not in self._cache:
+            units = self.vecs.directions[self.behaviour]
+            self._cache[key] = {i: units[i].to(device=device, dtype=dtype) for i in self.release_layers}
         return self._cache[key]
 
 
@@ -252,6 +283,10 @@ class RepEDefense(Defense):
             for i in plan.layers:
                 self.hooks.forward_hook(
                     layers[i], f"{plan.concept.name}.{plan.mode}.{i}", self.timed(self._make_edit(p_idx, i))
+                )
+            for i in plan.release_layers:
+                self.hooks.forward_hook(
+                    layers[i], f"{plan.concept.name}.release.{i}", self.timed(self._make_release(p_idx, i))
                 )
 
     # ------------------------------------------------------------------ hooks
@@ -381,6 +416,29 @@ class RepEDefense(Defense):
 
         return hook
 
+    def _make_release(self, p_idx: int, layer: int):
+        """Ablate the behaviour direction in the rows the detector passed (``release``)."""
+        plan = self.plans[p_idx]
+
+        def hook(module, args, kwargs, output):
+            fired = self.fired[p_idx]
+            if fired is None or self.fired_all[p_idx]:  # undecided, or no passed row
+                return None
+            h = hidden_of(output)
+            key = (-1 - p_idx, h.dtype)  # passed rows as [B, 1, 1], once per call and dtype
+            if key not in self.row_gates:
+                self.row_gates[key] = (~fired).view(-1, 1, 1).to(h.dtype)
+            rows = self.row_gates[key]
+            gate = self.tok_gate
+            g = rows if gate is None else gate.to(h.dtype) * rows
+            if gate is None and not self.fired_any[p_idx]:  # decode steps, every row passed: no gate
+                g = None
+            new = ablate_direction(h, plan.release_units(h.device, h.dtype)[layer], 1.0, g)
+            self.mark_step()
+            return replace_hidden(output, new)
+
+        return hook
+
     # ------------------------------------------------------------------ report
     def _details(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -392,6 +450,7 @@ class RepEDefense(Defense):
                     "detector": plan.detector.name,
                     "detector_layers": plan.detector.layers,
                     "threshold": round(plan.detector.threshold, 4),
+                    "release": plan.release,
                     "scores": self.scores[p_idx],
                     "fired": [bool(x) for x in fired] if fired is not None else [],
                     **({"prefix_matched": self.prefix_matched} if plan.detector.needs_prompt_weights else {}),
