@@ -1,4 +1,4 @@
-"""Read and calibrate the RepE steering vectors shipped for SmolLM2-135M-Instruct.
+r"""Read and calibrate the RepE steering vectors shipped for SmolLM2-135M-Instruct.
 
 Writes ``safeguard/models/weights/repe/<concept>-<method>/{vectors.safetensors,config.json}``
 for the ``harmful`` concept (condition + refusal behaviour, calibrated on the train/val splits
@@ -6,15 +6,24 @@ of ``safeguard/data/llm``; the test split is never read) and for the ``violence`
 Seeded and deterministic on CPU; about 34 minutes for ``harmful`` (most of it the behaviour search: 36 candidates
 x 128 greedy replies, then 6 candidates x 240 extra training requests) and 3 for ``violence`` on 2 cores.
 
-    python scripts/calibrate_repe.py [--concepts harmful violence] [--method mean_diff]
+    python scripts/calibrate_repe.py [--concepts harmful violence] [--method mean_diff] [--reuse-behaviour FOLDER]
 
-The ``harmful`` detector is trained with the extra training data (240 pairs and 200 scary-word harmless
-prompts) at LDA shrinkage 0.3, the choice of ``scripts/detector_negatives_experiment.py``. Experiments
-(``harmful`` only; write them elsewhere with ``--out``, never over the shipped folder): ``--no-extra-data``
-drops the extra data and ``--lda-shrinkage`` changes the shrinkage; the detector shipped before
-READING_VERSION 8 is
+``--reuse-behaviour`` takes the behaviour search (layer 11 at 1.25) over from saved vectors when it provably had the
+same inputs (bit-identical behaviour directions and scales, the same search prompts), which cuts ``harmful`` to about
+13 minutes; the shipped READING_VERSION 9 vectors were made so from the version 8 ones
+(``git show 37a48b0:safeguard/models/weights/repe/harmful-mean_diff/<file>`` into a folder).
 
-    python scripts/calibrate_repe.py --concepts harmful --no-extra-data --lda-shrinkage 0.7 --out /tmp/repe-old
+The ``harmful`` detector is the request-mean view (``"prompt"``) trained with the pairs of both training-only files
+(``extra``: 240 pairs; ``extra2``: 280 topic-broad pairs) and the scary-word harmless prompts of the first (200) at
+LDA shrinkage 0.3, the choices of ``scripts/detector_negatives_experiment.py`` and
+``scripts/detector_breadth_experiment.py``. Experiments (``harmful`` only; write them elsewhere with ``--out``, never
+over the shipped folder): ``--extra-data`` / ``--extra-scary`` name the files whose pairs / scary-word prompts to use
+(none: the flag alone), ``--lda-shrinkage`` changes the shrinkage and ``--detector`` the view (``auto``: the best by
+validation + out-of-fold AUROC); the detectors shipped before READING_VERSION 9 and 8 are
+
+    python scripts/calibrate_repe.py --concepts harmful --extra-data extra --detector auto --out /tmp/repe-v8
+    python scripts/calibrate_repe.py --concepts harmful --extra-data --extra-scary --lda-shrinkage 0.7 --detector auto \
+        --out /tmp/repe-v7
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ import torch
 from safeguard.adapters import CausalLMAdapter
 from safeguard.concepts import resolve_concepts
 from safeguard.models import smollm2
-from safeguard.steering.build import LDA_SHRINKAGE, SHIPPED_DIR, read_vectors
+from safeguard.steering.build import DETECTOR, EXTRA_DATA, EXTRA_SCARY, LDA_SHRINKAGE, SHIPPED_DIR, read_vectors
+from safeguard.steering.data import EXTRA
+from safeguard.steering.detector import DETECTORS
+from safeguard.steering.vectors import SteeringVectors
 
 
 def main() -> None:
@@ -38,12 +50,24 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+", default=["harmful", "violence"])
     ap.add_argument("--method", default="mean_diff", choices=["mean_diff", "pca"])
     ap.add_argument("--out", default=str(SHIPPED_DIR), help="folder for <concept>-<method>/ (default: shipped)")
+    for flag, default, what in (
+        ("--extra-data", EXTRA_DATA, "pairs"),
+        ("--extra-scary", EXTRA_SCARY, "scary-word prompts"),
+    ):
+        ap.add_argument(
+            flag,
+            nargs="*",
+            default=list(default),
+            choices=list(EXTRA),
+            help=f"harmful: the training-only files whose {what} the detector also reads (none: the flag alone)",
+        )
     ap.add_argument(
-        "--no-extra-data",
-        dest="extra_data",
-        action="store_false",
-        help="harmful: the detector without the extra training pairs and scary-word prompts (before version 8)",
+        "--reuse-behaviour",
+        metavar="FOLDER",
+        help="harmful: saved vectors whose behaviour search to take over if its inputs are provably the same "
+        "(identical behaviour directions and search prompts; otherwise the search runs)",
     )
+    ap.add_argument("--detector", default=DETECTOR, choices=[*DETECTORS, "auto"], help="harmful: the detector view")
     ap.add_argument("--lda-shrinkage", type=float, default=LDA_SHRINKAGE, help="harmful: condition LDA shrinkage")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -57,7 +81,10 @@ def main() -> None:
             concept,
             method=args.method,
             progress=True,
-            extra_data=args.extra_data,
+            extra_data=tuple(args.extra_data),
+            extra_scary=tuple(args.extra_scary),
+            detector=None if args.detector == "auto" else args.detector,
+            reuse_behaviour=SteeringVectors.load(args.reuse_behaviour) if args.reuse_behaviour else None,
             lda_shrinkage=args.lda_shrinkage,
         )
         vecs.meta["reading_seconds"] = round(time.perf_counter() - t0, 1)

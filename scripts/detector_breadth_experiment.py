@@ -44,18 +44,13 @@ from pathlib import Path
 import torch
 from detector_common import (
     POOLS,
+    cached_states,
     detector_metrics,
     lda_scores,
-    load_states,
-    prompt_sets,
-    read_pools,
-    save_states,
     standardised_sum,
     write_result,
 )
 
-from safeguard.adapters import CausalLMAdapter
-from safeguard.models import smollm2
 from safeguard.steering import data
 from safeguard.steering.calibrate import roc_points, select_condition_layer
 from safeguard.steering.reading import lda_directions, projections
@@ -164,16 +159,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    states = load_states(args.states) if args.states and args.states.exists() else {p: {} for p in POOLS}
-    missing = prompt_sets(exclude=[k for k in states["last"] if all(k in states[p] for p in POOLS)])
-    if missing:  # read only the sets the cache lacks
-        model, tok = smollm2()
-        new = read_pools(CausalLMAdapter(model, tok), missing)
-        for p in POOLS:
-            states[p] |= new[p]
-        logging.info("read %d sets in %.0f s", len(missing), time.perf_counter() - t0)
-        if args.states:
-            save_states(states, args.states)
+    states = cached_states(args.states)
 
     cats = _category_labels()
     runs: dict[str, dict] = {}

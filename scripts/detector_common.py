@@ -3,7 +3,8 @@
 - :func:`prompt_sets`: every prompt set the experiments read, by name (training, extra training, validation,
   held-out test), each a list of raw requests (the chat template is applied when reading);
 - :func:`read_pools`: last-token and request-mean states of those sets, read set by set as calibration does;
-- :func:`save_states` / :func:`load_states`: a safetensors cache of them (``--states``);
+- :func:`save_states` / :func:`load_states`: a safetensors cache of them (``--states``), and :func:`cached_states`,
+  which reads only the sets a cache lacks;
 - :func:`lda_scores`: a shrunk Fisher direction per layer fitted on training states, its out-of-fold training
   scores and its validation / test scores;
 - :func:`write_result`: the experiment's JSON result;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -90,6 +92,26 @@ def load_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
         pool, name = key.split("/", 1)
         out.setdefault(pool, {})[name] = v
     return out
+
+
+def cached_states(path: Path | None, names: Iterable[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Both pools' states of the prompt sets ``names`` (default: all): those in the cache at ``path`` loaded, the
+    others read with SmolLM2 (and the cache rewritten when ``path`` is given)."""
+    from safeguard.models import smollm2
+
+    states = load_states(path) if path and path.exists() else {p: {} for p in POOLS}
+    cached = [k for k in states["last"] if all(k in states[p] for p in POOLS)]
+    missing = prompt_sets(names, exclude=cached)
+    if missing:
+        t0 = time.perf_counter()
+        model, tok = smollm2()
+        new = read_pools(CausalLMAdapter(model, tok), missing)
+        for p in POOLS:
+            states[p] |= new[p]
+        logging.info("read %d sets in %.0f s", len(missing), time.perf_counter() - t0)
+        if path:
+            save_states(states, path)
+    return states
 
 
 def lda_scores(

@@ -676,3 +676,17 @@ def test_select_behaviour_second_stage_decides_with_both_judges(monkeypatch):
     assert {k for n, k in calls if n == 8} >= {((1,), 1.0), ((2,), 1.0), ((1,), 1.25), ((1, 2), 0.6667)}
     pair = next(r for r in table if r["stage"] == 2 and r["layers"] == [1, 2])
     assert (pair["refusal"], pair["refusal_judge"], pair["score"]) == (1.0, pytest.approx(0.25), pytest.approx(0.625))
+
+
+def test_behaviour_search_is_reused_only_with_identical_inputs():
+    from safeguard.steering.build import _reusable_behaviour
+
+    old = random_vectors(4, 32, behaviour_table=[{"layers": [2], "strength": 1.0}], behaviour_search_inputs="abc")
+    dirs, scales = old.directions["behaviour"].clone(), old.scales["behaviour"].clone()
+    assert _reusable_behaviour(old, dirs, scales, "abc") == ([2], 1.0, [{"layers": [2], "strength": 1.0}])
+    assert _reusable_behaviour(old, dirs, scales, "abd") is None  # other search prompts
+    moved = dirs.clone()
+    moved[0, 0] += 1e-6
+    assert _reusable_behaviour(old, moved, scales, "abc") is None  # directions not bit-identical
+    assert _reusable_behaviour(old, dirs, scales * 2, "abc") is None
+    assert _reusable_behaviour(None, dirs, scales, "abc") is None

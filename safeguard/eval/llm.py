@@ -335,6 +335,9 @@ def run_llm_eval(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         suffix = f"_{result['split']}" if result.get("split", "test") != "test" else ""
+        # options in the name, so a variant never overwrites the defaults' results (no path separators)
+        slug = {k: re.sub(r"[^\w.+-]", "_", str(v)) for k, v in options.items()}
+        suffix += "".join(f"_{k}-{v}" for k, v in slug.items())
         path = out / f"llm_{method}_{concept}{suffix}.json"
         path.write_text(json.dumps(result, indent=1))
         result["files"] = [str(path)]

@@ -5,7 +5,8 @@ harmless requests read at the last prompt token (their mean difference); ``condi
 ``condition_prompt``, shrunk Fisher discriminants of the last-token states and of the mean over
 each request's own tokens (the two views of the detector that decides whether a request is
 harmful, :mod:`safeguard.steering.detector`); and ``behaviour``, refusing minus complying replies
-read as the mean over the reply's tokens (what to push toward). Any other concept is a *topic*: its ``concept`` direction contrasts
+read as the mean over the reply's tokens (what to push toward; its calibration also records ``release_layers``, where
+the rows the detector passes get it ablated). Any other concept is a *topic*: its ``concept`` direction contrasts
 template prompts about the topic with the same templates about neutral topics (the project's
 topic phrases for ``violence``, ``weapons``, ``drugs``... or the concept's own phrases).
 
@@ -44,8 +45,14 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 8
+READING_VERSION = 9
 LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_negatives_experiment.py)
+# the detector's training-only data and view, the choice of scripts/detector_breadth_experiment.py
+EXTRA_DATA = ("extra", "extra2")  # files whose pairs the detector reads
+EXTRA_SCARY = ("extra",)  # files whose scary-word harmless prompts it reads
+DETECTOR = "prompt"
+# rows the detector passes get the refusal direction ablated on these layers (scripts/release_experiment.py's window)
+RELEASE_LAYERS = list(range(8, 15))
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -72,17 +79,23 @@ def read_vectors(
     layer_path: str | None = None,
     progress: bool = False,
     seed: int = 0,
-    extra_data: bool = True,
+    extra_data: tuple[str, ...] = EXTRA_DATA,
+    extra_scary: tuple[str, ...] = EXTRA_SCARY,
     lda_shrinkage: float = LDA_SHRINKAGE,
+    detector: str | None = DETECTOR,
+    reuse_behaviour: SteeringVectors | None = None,
 ) -> SteeringVectors:
     """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``.
 
-    ``extra_data`` and ``lda_shrinkage`` concern ``harmful`` only: the first adds the extra training
-    data (the 240 pairs of :func:`~safeguard.steering.data.extra_pairs` and the 200 scary-word harmless
-    prompts of :func:`~safeguard.steering.data.extra_scary_harmless`) to the detector directions' training
-    data (their out-of-fold threshold scores included); the behaviour and concept directions stay on the
-    original training split. The defaults give the shipped vectors; ``extra_data=False, lda_shrinkage=0.7``
-    gives the detector shipped before READING_VERSION 8.
+    The last four concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
+    (``"extra"``: 240 pairs and 200 scary-word harmless prompts; ``"extra2"``: 280 topic-broad pairs and 132 scary-word
+    prompts; see :func:`~safeguard.steering.data.extra_pairs`) whose pairs, and whose scary-word prompts, join the
+    detector directions' training data (their out-of-fold threshold scores included); the behaviour and concept
+    directions stay on the original training split. ``detector`` fixes the detector view (``None``: the best by
+    validation + out-of-fold AUROC). The defaults give the shipped vectors; ``extra_data=("extra",), detector=None``
+    gives the detector of READING_VERSION 8 and ``extra_data=(), extra_scary=(), lda_shrinkage=0.7, detector=None``
+    the one before it. ``reuse_behaviour``: earlier ``harmful`` vectors whose behaviour search (the slow part, about
+    25 minutes on 2 cores) is taken over when its inputs are provably the same (:func:`_reusable_behaviour`).
     """
     adapter.require_tokenizer("reading steering vectors")
     model = adapter.model
@@ -93,7 +106,20 @@ def read_vectors(
     model.eval()
     try:
         if is_refusal_concept(concept):
-            vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed, extra_data, lda_shrinkage)
+            vecs = _read_refusal(
+                adapter,
+                concept,
+                layers,
+                method,
+                meta,
+                progress,
+                seed,
+                extra_data,
+                extra_scary,
+                lda_shrinkage,
+                detector,
+                reuse_behaviour,
+            )
         else:
             vecs = _read_topic(adapter, concept, layers, method, meta, progress, seed)
     finally:
@@ -102,11 +128,24 @@ def read_vectors(
 
 
 def _read_refusal(
-    adapter, concept, layers, method, meta, progress, seed, extra_data=True, shrinkage=LDA_SHRINKAGE
+    adapter,
+    concept,
+    layers,
+    method,
+    meta,
+    progress,
+    seed,
+    extra_data,
+    extra_scary,
+    shrinkage,
+    detector,
+    reuse_behaviour,
 ) -> SteeringVectors:
     model, tok, chat = adapter.model, adapter.tokenizer, adapter.chat_text
     train, val = data.harmful_pairs("train"), data.harmful_pairs("val")
-    scary = [p["prompt"] for p in data.scary_harmless("train", extra=extra_data)]
+    extra_data, extra_scary = tuple(extra_data), tuple(extra_scary)
+    scary = [p["prompt"] for p in data.scary_harmless("train")]
+    scary += [p["prompt"] for which in extra_scary for p in data.extra_scary_harmless(which)]
     harmful = [chat(p["harmful"]) for p in train]
     harmless = [chat(p["harmless"]) for p in train]
     pos, norms = collect_states(model, tok, harmful, layers, progress=progress)
@@ -114,7 +153,7 @@ def _read_refusal(
     scary_states, _ = collect_states(model, tok, [chat(p) for p in scary], layers, progress=progress)
     c_dirs, c_scales = read_directions(pos, neg, method)
     # the condition (detector) direction: with the extra training pairs (read as their own sets) and scary words
-    extra = data.extra_pairs() if extra_data else []
+    extra = [p for which in extra_data for p in data.extra_pairs(which)]
     d_pos, d_neg = pos, neg
     if extra:
         x_pos, _ = collect_states(model, tok, [chat(p["harmful"]) for p in extra], layers, progress=progress)
@@ -161,7 +200,8 @@ def _read_refusal(
                 "concept": "harmful minus harmless requests, last prompt token (chat template)",
                 "condition": f"shrunk Fisher discriminant ({shrinkage}) of the same states, scary-word harmless prompts included"
                 + (f", plus {len(extra)} extra training pairs" if extra else ""),
-                "extra_data": extra_data,
+                "extra_data": list(extra_data),
+                "extra_scary": list(extra_scary),
                 "condition_prompt": f"shrunk Fisher discriminant ({shrinkage}) of the mean over each request's own "
                 "tokens (after the chat template's fixed prefix), the same prompts",
                 "chat_prefix_tokens": len(prefix) if prefix else 0,
@@ -192,23 +232,30 @@ def _read_refusal(
                          val=(sv_pos[layer], sv_neg[layer])),
             "prompt": dict(set="condition_prompt", pool="prompt", layer=p_layer,
                            oof=(poof_pos[p_layer], poof_neg[p_layer]), val=(pv_pos[p_layer], pv_neg[p_layer])),
-        }
+        },
+        choose=detector,
     )  # fmt: skip
     # stage 1 on the training and validation harmful requests (24 validation prompts alone tie strengths), stage 2
     # on the extra training-only requests, judged by both of the evaluation's judges (the first stage saturates)
     from ..eval.llm import MiniLMRefusalJudge
 
     refine = [p["harmful"] for p in data.extra_pairs()]
-    b_layers, strength, b_table = select_behaviour(
-        adapter,
-        vecs,
-        concept,
-        [chat(p["harmful"]) for p in train + val],
-        refine_prompts=[chat(p) for p in refine],
-        refine_requests=refine,
-        judge=MiniLMRefusalJudge(),
-        progress=progress,
-    )
+    search_inputs = hashlib.sha1(json.dumps([[chat(p["harmful"]) for p in train + val], refine]).encode()).hexdigest()
+    reused = _reusable_behaviour(reuse_behaviour, b_dirs, b_scales, search_inputs)
+    if reused is not None:
+        b_layers, strength, b_table = reused
+        logger.info("behaviour search reused: identical behaviour directions and search prompts")
+    else:
+        b_layers, strength, b_table = select_behaviour(
+            adapter,
+            vecs,
+            concept,
+            [chat(p["harmful"]) for p in train + val],
+            refine_prompts=[chat(p) for p in refine],
+            refine_requests=refine,
+            judge=MiniLMRefusalJudge(),
+            progress=progress,
+        )
     vecs.meta["calibration"] = {
         "mode": "conditional",
         "condition_layer": layer,
@@ -222,6 +269,9 @@ def _read_refusal(
         "condition_table": table,
         "condition_prompt_table": p_table,
         "behaviour_table": b_table,
+        "behaviour_search_inputs": search_inputs,
+        "behaviour_search_reused": reused is not None,
+        "release_layers": RELEASE_LAYERS,
     }
     logger.info(
         "repe calibration: detector %r (val AUROC %.3f, out-of-fold %.3f, threshold %.3f; last-token layer %d, "
@@ -236,6 +286,27 @@ def _read_refusal(
         strength,
     )
     return vecs
+
+
+def _reusable_behaviour(
+    old: SteeringVectors | None, b_dirs: torch.Tensor, b_scales: torch.Tensor, search_inputs: str
+) -> tuple[list[int], float, Any] | None:
+    """``(layers, strength, table)`` of an earlier calibration whose behaviour search had exactly these inputs.
+
+    The search (greedy replies with the behaviour vector added, no detector involved) is a deterministic function
+    of the model, the behaviour directions and scales and the prompts, so it is reused only if the directions are
+    bit-identical and the prompts hash the same (vectors calibrated before the hash was recorded: the prompts
+    are taken to be the current ones when the directions are identical). Anything else runs the search.
+    """
+    if old is None or "behaviour" not in old.directions:
+        return None
+    cal = old.calibration
+    same_dirs = torch.equal(old.directions["behaviour"], b_dirs) and torch.equal(old.scales["behaviour"], b_scales)
+    same_inputs = cal.get("behaviour_search_inputs", search_inputs) == search_inputs
+    if not (same_dirs and same_inputs and "behaviour_table" in cal):
+        logger.warning("behaviour search not reused: the directions or the search prompts differ")
+        return None
+    return list(cal["layers"]), float(cal["strength"]), cal["behaviour_table"]
 
 
 def _read_topic(adapter, concept, layers, method, meta, progress, seed) -> SteeringVectors:

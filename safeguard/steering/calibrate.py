@@ -8,7 +8,8 @@ split that reading never used, with scores that need no generation:
   harmless prompts (validation AUROC plus out-of-fold training AUROC);
 - **detector**: the same two rules for a second view, the mean over the request's own tokens
   (:mod:`safeguard.steering.detector`), then the best of ``"last"``, ``"prompt"`` and ``"both"`` (the
-  two views' standardised scores summed) by validation plus out-of-fold AUROC (:func:`calibrate_detectors`);
+  two views' standardised scores summed) by validation plus out-of-fold AUROC (:func:`calibrate_detectors`),
+  unless fixed by an experiment (READING_VERSION 9 ships ``"prompt"``, the breadth experiment's choice);
 - **threshold**: on out-of-fold training scores (5 folds, harmless prompts with scary words
   included) plus validation scores, the cut that maximises ``TPR - fp_weight * FPR``
   (``fp_weight = 1.5``: over-refusal costs more). Out-of-fold scores matter: a direction scores
@@ -112,8 +113,11 @@ def select_condition_layer(
     return int(best["layer"]), table
 
 
-def calibrate_detectors(views: dict[str, dict[str, Any]], fp_weight: float = 1.5) -> tuple[str, dict[str, dict]]:
-    """Thresholds of the ``"last"``, ``"prompt"`` and ``"both"`` detectors, and the best one by val + OOF AUROC.
+def calibrate_detectors(
+    views: dict[str, dict[str, Any]], fp_weight: float = 1.5, choose: str | None = None
+) -> tuple[str, dict[str, dict]]:
+    """Thresholds of the ``"last"``, ``"prompt"`` and ``"both"`` detectors, and the best one by val + OOF AUROC
+    (or ``choose``, a choice made elsewhere: the breadth experiment's).
 
     ``views`` maps ``"last"`` and ``"prompt"`` to ``{"set", "pool", "layer", "oof": (pos, neg), "val": (pos, neg)}``
     with 1-D cosine scores at the view's chosen layer (out-of-fold training scores, validation scores). ``"both"``
@@ -151,6 +155,8 @@ def calibrate_detectors(views: dict[str, dict[str, Any]], fp_weight: float = 1.5
         "prompt": entry([(views["prompt"], 0.0, 1.0)]),
         "both": entry([standardised(views["last"]), standardised(views["prompt"])]),
     }
+    if choose is not None:
+        return choose, table
     chosen = max(table, key=lambda k: (table[k]["val_auroc"] + table[k]["oof_auroc"], -len(table[k]["views"])))
     return chosen, table
 
