@@ -8,7 +8,9 @@ token's logits), for these variants, all in one process and interleaved within e
 - ``unguarded``: the bare model (not wrapped);
 - ``repe-conditional``: ``safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe")`` with the
   calibrated defaults (the calibrated detector scores each prompt, the behaviour vector is added to rows above
-  its threshold);
+  its threshold; the rows it passes get the calibrated release ablation);
+- ``repe-passed``: the same with the threshold raised so that no row fires: every row takes the release ablation
+  (what harmless traffic pays);
 - ``repe-add``: ``mode="add"``: the behaviour vector added at the calibrated layers to every row;
 - ``repe-ablate``: ``mode="ablate"``: the concept direction projected out at every layer;
 - ``steering-vectors-add`` (the peer): the very same vectors (``vecs.vector("behaviour", layer, strength)`` at the
@@ -68,9 +70,25 @@ SCHEMA = "safeguard.benchmarks.llm/3"  # 3: hook_cost
 CONCEPT = "harmful"
 SHIPPED_VECTORS = REPO / "safeguard" / "models" / "weights" / "repe" / "harmful-mean_diff"
 PEER = "steering-vectors-add"
-VARIANTS = ("unguarded", "repe-conditional", "repe-add", "repe-ablate", PEER)
+VARIANTS = ("unguarded", "repe-conditional", "repe-passed", "repe-add", "repe-ablate", PEER)
 EXTRA_VARIANTS = ("repe-disabled",)
-REPE_MODES = {"repe-conditional": None, "repe-add": "add", "repe-ablate": "ablate", "repe-disabled": None}
+REPE_MODES = {
+    "repe-conditional": None,
+    "repe-passed": None,
+    "repe-add": "add",
+    "repe-ablate": "ablate",
+    "repe-disabled": None,
+}
+
+
+def pass_all(vectors: Path) -> dict[str, float]:
+    """repe-passed's options: a threshold no row reaches (a cosine never exceeds 1; a sum of standardised ones, 100)."""
+    from safeguard.steering.vectors import SteeringVectors
+
+    detector = SteeringVectors.load(vectors).calibration.get("detector", "last")
+    return {"threshold": 100.0 if detector == "both" else 1.0}
+
+
 CSV_COLUMNS = (
     "model", "batch", "variant", "new_tokens", "reps", "prompt_tokens",
     "prefill_s", "prefill_s_min", "prefill_s_max",
@@ -168,6 +186,7 @@ class Bench:
                 handle.remove()
         else:
             options = {} if REPE_MODES[name] is None else {"mode": REPE_MODES[name]}
+            options |= pass_all(self.vectors) if name == "repe-passed" else {}
             t0 = time.perf_counter()
             safeguard.wrap(
                 self.model, tokenizer=self.tok, concepts=[CONCEPT], method="repe", vectors=str(self.vectors), **options
@@ -214,7 +233,7 @@ class Bench:
 def fired_rows(model: Any, variant: str) -> list[bool] | None:
     import safeguard
 
-    if variant != "repe-conditional":
+    if variant not in ("repe-conditional", "repe-passed"):
         return None
     report = safeguard.last_report(model)
     return list(report.defenses[0].details.get("fired", [])) if report is not None else None

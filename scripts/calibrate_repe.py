@@ -10,18 +10,18 @@ x 128 greedy replies, then 6 candidates x 240 extra training requests) and 3 for
 
 ``--reuse-behaviour`` takes the behaviour search (layer 11 at 1.25) over from saved vectors when it provably had the
 same inputs (bit-identical behaviour directions and scales, the same search prompts), which cuts ``harmful`` to about
-13 minutes; the shipped READING_VERSION 9 vectors were made so from the version 8 ones
+13 minutes; the shipped READING_VERSION 10 vectors were made so from the version 8 ones
 (``git show 37a48b0:safeguard/models/weights/repe/harmful-mean_diff/<file>`` into a folder).
 
-The ``harmful`` detector is the request-mean view (``"prompt"``) trained with the pairs of both training-only files
-(``extra``: 240 pairs; ``extra2``: 280 topic-broad pairs) and the scary-word harmless prompts of the first (200) at
-LDA shrinkage 0.3, the choices of ``scripts/detector_negatives_experiment.py`` and
-``scripts/detector_breadth_experiment.py``. Experiments (``harmful`` only; write them elsewhere with ``--out``, never
-over the shipped folder): ``--extra-data`` / ``--extra-scary`` name the files whose pairs / scary-word prompts to use
-(none: the flag alone), ``--lda-shrinkage`` changes the shrinkage and ``--detector`` the view (``auto``: the best by
-validation + out-of-fold AUROC); the detectors shipped before READING_VERSION 9 and 8 are
+The ``harmful`` detector (READING_VERSION 10, as 8) sums two views, chosen by validation + out-of-fold AUROC, trained
+with the first training-only file (240 pairs and 200 scary-word harmless prompts) at LDA shrinkage 0.3, the choice of
+``scripts/detector_negatives_experiment.py``; the calibration adds the release window (layers 8-14,
+``scripts/release_experiment.py``). Experiments (``harmful`` only; write them elsewhere with ``--out``, never over
+the shipped folder): ``--extra-data`` / ``--extra-scary`` name the files whose pairs / scary-word prompts to use
+(none: the flag alone), ``--lda-shrinkage`` changes the shrinkage and ``--detector`` fixes the view; the detectors of
+READING_VERSION 9 (``scripts/detector_breadth_experiment.py``'s choice, withdrawn) and 7 are
 
-    python scripts/calibrate_repe.py --concepts harmful --extra-data extra --detector auto --out /tmp/repe-v8
+    python scripts/calibrate_repe.py --concepts harmful --extra-data extra extra2 --detector prompt --out /tmp/repe-v9
     python scripts/calibrate_repe.py --concepts harmful --extra-data --extra-scary --lda-shrinkage 0.7 --detector auto \
         --out /tmp/repe-v7
 """
@@ -67,7 +67,9 @@ def main() -> None:
         help="harmful: saved vectors whose behaviour search to take over if its inputs are provably the same "
         "(identical behaviour directions and search prompts; otherwise the search runs)",
     )
-    ap.add_argument("--detector", default=DETECTOR, choices=[*DETECTORS, "auto"], help="harmful: the detector view")
+    ap.add_argument(
+        "--detector", default=DETECTOR or "auto", choices=[*DETECTORS, "auto"], help="harmful: the detector view"
+    )
     ap.add_argument("--lda-shrinkage", type=float, default=LDA_SHRINKAGE, help="harmful: condition LDA shrinkage")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -29,6 +29,18 @@ FPR 0.05 on that pool (``common_tpr@5``), then the fewest training prompts, then
   negatives split by fold as usual), the pooled TPR within FPR 0.05: transfer to an unseen category;
 - held-out test numbers (``*_info``), information only; they choose nothing.
 
+**Outcome (written after the run, and after the choice had been shipped and evaluated).** The rule chose
+``v8+pairs2:prompt`` (0.863, against 0.861 for the runner-up and 0.838 for ``v8:both``) and it shipped as
+READING_VERSION 9. It was the wrong choice, and the rule was flawed in a way visible beforehand: the common pool
+scores the extra2 prompts out of fold for variants that train on them (topics they have seen) but out of sample
+for ``v8`` (topics it has not), so it rewards training on the pool rather than generalising. The column meant to
+measure transfer, ``loco_tpr@5``, ranked the other way (``v8:both`` 0.759, ``v8+pairs2+scary2:both`` 0.715,
+``v8+pairs2:prompt`` 0.620), and the held-out sets agreed: flagged test-split requests fell from 95.8% to 87.5%
+(refused 90.3% -> 83.3%) and fresh2 gave 87.5%. READING_VERSION 10 therefore ships the ``v8`` detector again (with
+the release ablation). That reversal was made after reading the test split and fresh2 with version 9, so their
+numbers for version 10 are not untouched. Lesson for the next data experiment: choose by a grouped (leave-topic-
+or category-out) criterion, since new topics are what the held-out sets test.
+
     OMP_NUM_THREADS=2 python scripts/detector_breadth_experiment.py [--states /tmp/breadth.safetensors]
 
 About 8 minutes on 2 CPU cores (``--states`` keeps the read states for a rerun).

@@ -166,7 +166,7 @@ def test_missing_shapes_weights_are_skipped_with_a_note(tmp_path, monkeypatch, c
 
 
 LLM_SCRIPT = REPO / "benchmarks" / "llm.py"
-LLM_VARIANTS = ["unguarded", "repe-conditional", "repe-add", "repe-ablate", "steering-vectors-add"]
+LLM_VARIANTS = ["unguarded", "repe-conditional", "repe-passed", "repe-add", "repe-ablate", "steering-vectors-add"]
 
 
 def test_llm_quick_run_writes_files_and_schema(tmp_path):
@@ -198,7 +198,8 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
         for key in ("prefill_s", "tokens_per_s", "prefill_ratio", "decode_ratio"):
             assert set(sm[key]) >= {"median", "min", "max"}
         assert set(sm["prefill_ratio"]) == set(sm["decode_ratio"]) == {"median", "min", "max", "of_medians"}
-        assert (sm["fired"] == 1.0) if case["variant"] == "repe-conditional" else sm["fired"] is None
+        fired = {"repe-conditional": 1.0, "repe-passed": 0.0}.get(case["variant"])  # passed: threshold above all
+        assert sm["fired"] == fired
 
     spec = importlib.util.spec_from_file_location("safeguard_benchmark_llm", LLM_SCRIPT)
     llm = importlib.util.module_from_spec(spec)
@@ -218,6 +219,7 @@ def test_llm_quick_run_writes_files_and_schema(tmp_path):
         assert list(per) == variants
         # unguarded: none; repe: the monitor's and the gates' pre-hooks plus one edit hook per edited layer
         hooks = {"unguarded": 0, "repe-conditional": 3, "repe-add": 3, "repe-ablate": 2 + 4, "steering-vectors-add": 1}
+        hooks["repe-passed"] = 3  # the quick vectors calibrate no release window
         assert {v: c["hooks"] for v, c in per.items()} == {v: hooks[v] for v in variants}
         for c in per.values():
             assert len(c["rounds"]) == 2 and c["us_min"] <= c["us_median"] <= c["us_max"] and c["us_min"] > 0

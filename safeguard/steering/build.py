@@ -45,12 +45,14 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 9
+READING_VERSION = 10
 LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_negatives_experiment.py)
-# the detector's training-only data and view, the choice of scripts/detector_breadth_experiment.py
-EXTRA_DATA = ("extra", "extra2")  # files whose pairs the detector reads
+# the detector's training-only data and view: the first extra file, the view by validation + out-of-fold AUROC
+# (scripts/detector_negatives_experiment.py; the topic-broad extra2 pairs and the request-mean view that
+# scripts/detector_breadth_experiment.py chose, shipped as READING_VERSION 9, did worse: see its docstring)
+EXTRA_DATA = ("extra",)  # files whose pairs the detector reads
 EXTRA_SCARY = ("extra",)  # files whose scary-word harmless prompts it reads
-DETECTOR = "prompt"
+DETECTOR: str | None = None
 # rows the detector passes get the refusal direction ablated on these layers (scripts/release_experiment.py's window)
 RELEASE_LAYERS = list(range(8, 15))
 

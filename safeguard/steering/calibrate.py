@@ -9,7 +9,7 @@ split that reading never used, with scores that need no generation:
 - **detector**: the same two rules for a second view, the mean over the request's own tokens
   (:mod:`safeguard.steering.detector`), then the best of ``"last"``, ``"prompt"`` and ``"both"`` (the
   two views' standardised scores summed) by validation plus out-of-fold AUROC (:func:`calibrate_detectors`),
-  unless fixed by an experiment (READING_VERSION 9 ships ``"prompt"``, the breadth experiment's choice);
+  unless fixed by the caller (``read_vectors(..., detector=...)``);
 - **threshold**: on out-of-fold training scores (5 folds, harmless prompts with scary words
   included) plus validation scores, the cut that maximises ``TPR - fp_weight * FPR``
   (``fp_weight = 1.5``: over-refusal costs more). Out-of-fold scores matter: a direction scores
