@@ -108,20 +108,8 @@ def read_vectors(
     model.eval()
     try:
         if is_refusal_concept(concept):
-            vecs = _read_refusal(
-                adapter,
-                concept,
-                layers,
-                method,
-                meta,
-                progress,
-                seed,
-                extra_data,
-                extra_scary,
-                lda_shrinkage,
-                detector,
-                reuse_behaviour,
-            )
+            options = dict(extra_data=extra_data, extra_scary=extra_scary, shrinkage=lda_shrinkage, detector=detector)
+            vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed, reuse_behaviour, **options)
         else:
             vecs = _read_topic(adapter, concept, layers, method, meta, progress, seed)
     finally:
@@ -137,11 +125,12 @@ def _read_refusal(
     meta,
     progress,
     seed,
+    reuse_behaviour,
+    *,
     extra_data,
     extra_scary,
     shrinkage,
     detector,
-    reuse_behaviour,
 ) -> SteeringVectors:
     model, tok, chat = adapter.model, adapter.tokenizer, adapter.chat_text
     train, val = data.harmful_pairs("train"), data.harmful_pairs("val")
