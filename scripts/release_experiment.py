@@ -98,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--sets", default="second", choices=["second", "all"], help="all: every calibration set")
-    ap.add_argument("--windows", nargs="+", default=list(WINDOWS), help=f"of {list(WINDOWS)}, or all (every layer)")
+    ap.add_argument("--windows", nargs="+", default=list(WINDOWS), choices=[*WINDOWS, "all"], help="all: every layer")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ through ``model.generate`` with or without KV cache, greedy or sampled, in batch
   deeper than the first behaviour layer, the decision is made by a look-ahead pass over the prompt
   that stops at that layer (its cost is reported; decode steps never pay it), so the prompt and the
   first generated token are steered too. With ``release`` (calibrated), the rows the detector passes get
-  the behaviour (refusal) direction ablated at every layer instead of running untouched, which removes
+  the behaviour (refusal) direction ablated on the calibrated ``release_layers`` instead of running untouched, which removes
   most of the model's own false refusals of harmless requests (the false-refusal ablation of Wang et al.
   2024; the refusal-direction ablation of Arditi et al. 2024 applied to passed rows only).
 
@@ -225,7 +225,7 @@ class RepEDefense(Defense):
         self.prompt_w: torch.Tensor | None = None  # [B, T] request-token weights of this call's prefill
         self.prefix_matched: list[bool] = []  # per row: began with the chat template's prefix
         self.lookahead_s = 0.0
-        self.row_gates: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # fired rows as [B, 1, 1] in a dtype
+        self.row_gates: dict[tuple, torch.Tensor] = {}  # fired (or, for release, passed) rows as [B, 1, 1] in a dtype
 
     def _attach(self, adapter: Any) -> None:
         cfg: RepEConfig = self.config  # type: ignore[assignment]
@@ -425,7 +425,7 @@ class RepEDefense(Defense):
             if fired is None or self.fired_all[p_idx]:  # undecided, or no passed row
                 return None
             h = hidden_of(output)
-            key = (-1 - p_idx, h.dtype)  # passed rows as [B, 1, 1], once per call and dtype
+            key = ("release", p_idx, h.dtype)  # passed rows as [B, 1, 1], once per call and dtype
             if key not in self.row_gates:
                 self.row_gates[key] = (~fired).view(-1, 1, 1).to(h.dtype)
             rows = self.row_gates[key]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..steering.data import HELD_OUT
 from .suites import CATEGORIES, SuitePrompt, build_suite, concept_kind
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ def add_eval_parser(sub: Any) -> None:
     e.add_argument(
         "--split",
         default="test",
-        choices=["test", "fresh", "fresh2"],
+        choices=list(HELD_OUT),
         help="smollm2, harmful: the held-out set (test: 72 + 72 + 52 prompts; fresh, fresh2: later sets of 80 + 80 + 40)",
     )
     e.add_argument("--option", action="append", default=[], help="defense option KEY=VALUE (repeatable)")

@@ -1,8 +1,8 @@
 """Evaluation of language-model guards: refusal, over-refusal, KL drift, topic removal, throughput.
 
 ``python -m safeguard eval --model smollm2 --method repe --concepts harmful`` runs the held-out
-test split of ``safeguard/data/llm`` (never used for reading or calibration; ``--split fresh``: the
-second held-out set, written later) through the model
+test split of ``safeguard/data/llm`` (never used for reading or calibration; ``--split fresh`` and
+``--split fresh2``: the second and third held-out sets, written later) through the model
 unguarded and guarded (greedy, the same prompts in the same batches) and reports:
 
 - **refusal rate** on harmful requests and **over-refusal** on harmless ones (matched harmless

@@ -231,7 +231,8 @@ def _read_refusal(
     from ..eval.llm import MiniLMRefusalJudge
 
     refine = [p["harmful"] for p in data.extra_pairs()]
-    search_inputs = hashlib.sha1(json.dumps([[chat(p["harmful"]) for p in train + val], refine]).encode()).hexdigest()
+    search_prompts = [chat(p["harmful"]) for p in train + val]
+    search_inputs = hashlib.sha1(json.dumps([search_prompts, refine]).encode()).hexdigest()
     reused = _reusable_behaviour(reuse_behaviour, b_dirs, b_scales, search_inputs)
     if reused is not None:
         b_layers, strength, b_table = reused
@@ -241,7 +242,7 @@ def _read_refusal(
             adapter,
             vecs,
             concept,
-            [chat(p["harmful"]) for p in train + val],
+            search_prompts,
             refine_prompts=[chat(p) for p in refine],
             refine_requests=refine,
             judge=MiniLMRefusalJudge(),

@@ -117,7 +117,7 @@ def calibrate_detectors(
     views: dict[str, dict[str, Any]], fp_weight: float = 1.5, choose: str | None = None
 ) -> tuple[str, dict[str, dict]]:
     """Thresholds of the ``"last"``, ``"prompt"`` and ``"both"`` detectors, and the best one by val + OOF AUROC
-    (or ``choose``, a choice made elsewhere: the breadth experiment's).
+    (or ``choose``, a choice the caller made elsewhere).
 
     ``views`` maps ``"last"`` and ``"prompt"`` to ``{"set", "pool", "layer", "oof": (pos, neg), "val": (pos, neg)}``
     with 1-D cosine scores at the view's chosen layer (out-of-fold training scores, validation scores). ``"both"``

@@ -41,7 +41,8 @@ from ..core.errors import InvalidOptionError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
-HELD_OUT = ("test", "fresh", "fresh2")
+LATER = ("fresh", "fresh2")  # the held-out sets written after the first, each a whole file
+HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2")  # the training-only files, by the suffix of their names
 
 
@@ -75,10 +76,10 @@ def harmful_pairs(split: str, extra: bool = False) -> list[dict[str, str]]:
 
     ``extra=True`` (``"train"`` only) appends :func:`extra_pairs` after the split's own pairs.
     """
-    _check_split(split, (*SPLITS, "fresh", "fresh2"))
+    _check_split(split, (*SPLITS, *LATER))
     if extra and split != "train":
         raise InvalidOptionError(f"extra pairs are training data only; got split={split!r} with extra=True.")
-    if split in ("fresh", "fresh2"):
+    if split in LATER:
         return _whole(f"harmful_harmless_pairs_{split}.json", "pairs")
     want = {"train": (0, 1, 2, 3), "val": (4,), "test": (5, 6, 7)}[split]
     pairs = [it for i, it in _by_category(_load("harmful_harmless_pairs.json")["pairs"]) if i % 8 in want]
@@ -102,12 +103,12 @@ def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
 
     ``extra=True`` (``"train"`` only) appends :func:`extra_scary_harmless` after the split's own prompts.
     """
-    _check_split(split, ("train", "test", "fresh", "fresh2"))
+    _check_split(split, ("train", *HELD_OUT))
     if extra and split != "train":
         raise InvalidOptionError(
             f"extra scary-word prompts are training data only; got split={split!r} with extra=True."
         )
-    if split in ("fresh", "fresh2"):
+    if split in LATER:
         return _whole(f"harmless_scary_words_{split}.json", "prompts")
     want = (0, 1) if split == "train" else (2, 3, 4)
     items = [it for i, it in _by_category(_load("harmless_scary_words.json")["prompts"]) if i % 5 in want]
