@@ -4,7 +4,7 @@ The extra training files (``harmful_harmless_pairs_extra*.json``, ``harmless_sca
 restate held-out prompts, or the held-out numbers would measure memory. For every training prompt (the
 original training split, both sides of the extra pairs, the extra scary-word prompts, of both extra files) this
 prints the distribution of its highest MiniLM cosine to the prompts of each held-out set (validation; test; the
-fresh and fresh2 sets written later: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+fresh, fresh2 and fresh3 sets written later: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
 (0.75, the bar the files were written to). Exit status 1 if any item is above it.
 
     python scripts/data_leakage_check.py [--max 0.75] [--out benchmarks/results/eval/llm_data_leakage.json]
@@ -31,7 +31,7 @@ def held_out() -> dict[str, list[str]]:
     return {
         split: [t for p in data.harmful_pairs(split) for t in (p["harmful"], p["harmless"])]
         + ([p["prompt"] for p in data.scary_harmless(split)] if split != "val" else [])
-        for split in ("test", "val", "fresh", "fresh2")
+        for split in ("test", "val", *data.LATER)
     }
 
 

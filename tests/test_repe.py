@@ -464,6 +464,31 @@ def test_second_extra_files_and_fresh2_set_are_separate():
         data.harmful_pairs("fresh2", extra=True)
 
 
+def test_fresh3_set_is_whole_balanced_and_disjoint_from_everything_else():
+    from safeguard.core.errors import InvalidOptionError
+    from safeguard.steering import data
+
+    pairs, scary = data.harmful_pairs("fresh3"), data.scary_harmless("fresh3")
+    cats = {p["category"] for p in data.harmful_pairs("test")}
+    assert len(pairs) == 80 and all(sum(p["category"] == c for p in pairs) == 10 for c in cats)
+    assert len(scary) == 40 and len({p["category"] for p in scary}) == 8
+    assert all("-h" in p["id"] for p in pairs + scary)
+    assert "fresh3" in data.HELD_OUT and "fresh3" in data.LATER
+    mine = {p[k] for p in pairs for k in ("harmful", "harmless")} | {p["prompt"] for p in scary}
+    others = {
+        p[k]
+        for s in ("train", "val", "test", "fresh", "fresh2")
+        for p in data.harmful_pairs(s)
+        for k in ("harmful", "harmless")
+    }
+    others |= {p[k] for w in data.EXTRA for p in data.extra_pairs(w) for k in ("harmful", "harmless")}
+    others |= {p["prompt"] for s in ("train", "test", "fresh", "fresh2") for p in data.scary_harmless(s)}
+    others |= {p["prompt"] for w in data.EXTRA for p in data.extra_scary_harmless(w)}
+    assert len(mine) == 200 and not mine & others
+    with pytest.raises(InvalidOptionError):
+        data.scary_harmless("fresh3", extra=True)
+
+
 def test_training_only_data_is_far_from_held_out_prompts():
     """The leakage check of the extra training files passes (no item above MiniLM cosine 0.75 to val/test)."""
     import subprocess
@@ -476,7 +501,7 @@ def test_training_only_data_is_far_from_held_out_prompts():
     )
     assert res.returncode == 0, res.stdout + res.stderr
     for name, n in (("extra_scary", 200), ("extra_pairs", 480), ("extra2_scary", 132), ("extra2_pairs", 560)):
-        for split in ("test", "val", "fresh", "fresh2"):
+        for split in ("test", "val", "fresh", "fresh2", "fresh3"):
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
 
 

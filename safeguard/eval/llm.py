@@ -1,8 +1,8 @@
 """Evaluation of language-model guards: refusal, over-refusal, KL drift, topic removal, throughput.
 
 ``python -m safeguard eval --model smollm2 --method repe --concepts harmful`` runs the held-out
-test split of ``safeguard/data/llm`` (never used for reading or calibration; ``--split fresh`` and
-``--split fresh2``: the second and third held-out sets, written later) through the model
+test split of ``safeguard/data/llm`` (never used for reading or calibration; ``--split fresh``,
+``--split fresh2`` and ``--split fresh3``: the held-out sets written later) through the model
 unguarded and guarded (greedy, the same prompts in the same batches) and reports:
 
 - **refusal rate** on harmful requests and **over-refusal** on harmless ones (matched harmless
@@ -228,8 +228,8 @@ def run_llm_eval(
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate ``method`` for ``concept`` on ``model`` (see the module docstring). Returns the metrics.
 
-    ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"``, ``"fresh"`` or ``"fresh2"`` (topic concepts always use
-    the held-out templates).
+    ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"``, ``"fresh"``, ``"fresh2"`` or
+    ``"fresh3"`` (topic concepts always use the held-out templates).
     """
     from ..core.errors import InvalidOptionError
 
