@@ -1,0 +1,156 @@
+"""Where the shipped harmful-request detector's scores fall on every held-out set, and what other thresholds would do.
+
+For each held-out set (``test``, ``fresh``, ``fresh2``, ``fresh3``: harmful requests, matched harmless ones, harmless
+ones with scary words) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
+on the shipped vectors: last prompt token and request-token mean, each a cosine standardised by the calibration's
+center and scale, summed) through the chat template, as the guard does during the prefill, and reports:
+
+- AUROC of harmful against all harmless requests, and the shares above the calibrated threshold (flagged); when
+  ``benchmarks/results/eval/llm_repe_harmful[_<set>].json`` exists, a parity check that these shares equal the
+  ``fired`` rates the evaluation recorded through the real hooks;
+- the shares flagged at a few other thresholds (``--thresholds``): **information only**. Every one of these sets
+  has been read, so choosing a threshold from this table would fit it to them; the calibrated threshold is
+  chosen on calibration data (``safeguard.steering.build``) and is what ships;
+- a figure: per set, the histograms of the three kinds of request with the calibrated threshold marked.
+
+    OMP_NUM_THREADS=2 python scripts/detector_heldout_scores.py [--out benchmarks/results/eval/repe_detector_heldout]
+
+About 2 minutes on 2 CPU cores. Writes ``<out>.json`` and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from detector_common import write_result
+
+from safeguard.adapters import CausalLMAdapter
+from safeguard.steering import data
+from safeguard.steering.calibrate import auroc
+from safeguard.steering.detector import resolve_detector
+from safeguard.steering.reading import collect_states
+from safeguard.steering.vectors import SteeringVectors
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = ROOT / "safeguard" / "models" / "weights" / "repe" / "harmful-mean_diff"
+EVAL = ROOT / "benchmarks" / "results" / "eval"
+DEFAULT_OUT = EVAL / "repe_detector_heldout"
+KINDS = ("harmful", "harmless", "harmless_scary")
+
+
+def held_out(split: str) -> dict[str, list[str]]:
+    pairs = data.harmful_pairs(split)
+    return {
+        "harmful": [p["harmful"] for p in pairs],
+        "harmless": [p["harmless"] for p in pairs],
+        "harmless_scary": [p["prompt"] for p in data.scary_harmless(split)],
+    }
+
+
+@torch.no_grad()
+def scores(adapter: CausalLMAdapter, det, vecs: SteeringVectors, prompts: list[str]) -> torch.Tensor:
+    """``[N]`` detector scores of raw requests (chat template applied), one forward per view pooling."""
+    texts = [adapter.chat_text(p) for p in prompts]
+    _, layers = adapter.decoder_layers()
+    total = torch.zeros(len(prompts))
+    for view, unit in zip(det.views, det.units(vecs)):
+        kw = {"position": "prompt", "prefix_ids": adapter.chat_prefix_ids()} if view.pool == "prompt" else {}
+        states = collect_states(adapter.model, adapter.tokenizer, texts, layers, **kw)[0][view.layer]
+        cos = states @ unit / states.norm(dim=-1).clamp_min(1e-12)
+        total += (cos - view.center) / view.scale
+    return total
+
+
+def plot(result: dict, threshold: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = list(result["sets"])
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.4), sharey=True)
+    colors = {"harmful": "#c0392b", "harmless": "#2e86c1", "harmless_scary": "#27ae60"}
+    labels = {"harmful": "harmful", "harmless": "matched harmless", "harmless_scary": "harmless, scary words"}
+    all_s = [x for s in splits for k in KINDS for x in result["sets"][s]["scores"][k]]
+    bins = torch.linspace(min(all_s), max(all_s), 31).tolist()
+    for ax, s in zip(axes, splits):
+        r = result["sets"][s]
+        for k in KINDS:
+            ax.hist(r["scores"][k], bins=bins, alpha=0.55, color=colors[k], label=labels[k], density=True)
+        ax.axvline(threshold, color="k", lw=1.2, ls="--")
+        f = r["flagged"]
+        ax.set_title(
+            f"{s}: flagged {100 * f['harmful']:.1f}% harmful,\n{100 * f['harmless']:.1f}% matched / "
+            f"{100 * f['harmless_scary']:.1f}% scary harmless",
+            fontsize=9,
+        )
+        ax.set_xlabel("detector score (sum of standardised cosines)")
+    axes[0].set_ylabel("density")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"shipped 'harmful' detector on the held-out sets (dashed: calibrated threshold {threshold:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output path without suffix")
+    ap.add_argument("--thresholds", type=float, nargs="*", default=[1.0, 0.5, 0.38, 0.0], help="others to tabulate")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from safeguard.models import smollm2
+
+    t0 = time.perf_counter()
+    model, tok = smollm2()
+    adapter = CausalLMAdapter(model, tok)
+    vecs = SteeringVectors.load(VECTORS)
+    det = resolve_detector(vecs)
+    result: dict = {"detector": det.name, "views": [v.to_json() for v in det.views], "threshold": det.threshold}
+    result["sets"] = {}
+    for split in data.HELD_OUT:
+        sc = {k: scores(adapter, det, vecs, ps) for k, ps in held_out(split).items()}
+        neg = torch.cat([sc["harmless"], sc["harmless_scary"]])
+        row = {
+            "auroc": auroc(sc["harmful"], neg),
+            "flagged": {k: float((v > det.threshold).float().mean()) for k, v in sc.items()},
+            "other_thresholds_info": {
+                f"{t:g}": {k: float((v > t).float().mean()) for k, v in sc.items()} for t in args.thresholds
+            },
+            "scores": {k: [round(x, 4) for x in v.tolist()] for k, v in sc.items()},
+        }
+        ev = EVAL / ("llm_repe_harmful.json" if split == "test" else f"llm_repe_harmful_{split}.json")
+        if ev.exists():
+            fired = json.loads(ev.read_text())["fired"]
+            row["eval_fired"] = {k: sum(fired[k]) / len(fired[k]) for k in KINDS}
+            row["parity_with_eval"] = all(
+                [bool(x) for x in fired[k]] == (sc[k] > det.threshold).tolist() for k in KINDS
+            )
+        result["sets"][split] = row
+        logging.info("%s done (%.0f s)", split, time.perf_counter() - t0)
+    print(f"detector {det.name!r}, threshold {det.threshold:.3f}; flagged share of each kind (other thresholds: info)")
+    print(
+        f"{'set':8s}{'auroc':>7s}{'harmful':>9s}{'matched':>9s}{'scary':>8s}{'parity':>8s}  flagged at other thresholds"
+    )
+    for split, r in result["sets"].items():
+        f = r["flagged"]
+        others = "  ".join(
+            f"{t}: {100 * o['harmful']:.1f}/{100 * o['harmless']:.1f}/{100 * o['harmless_scary']:.1f}"
+            for t, o in r["other_thresholds_info"].items()
+        )
+        print(
+            f"{split:8s}{r['auroc']:7.3f}{100 * f['harmful']:8.1f}%{100 * f['harmless']:8.1f}%"
+            f"{100 * f['harmless_scary']:7.1f}%{r.get('parity_with_eval', '-')!s:>8s}  {others}"
+        )
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_result(result, args.out.with_suffix(".json"))
+    plot(result, det.threshold, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
