@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 import torch
-from detector_common import write_result
+from detector_common import standardised_sum, write_result
 from safetensors.torch import load_file, save_file
 
 from safeguard.adapters import CausalLMAdapter
@@ -213,12 +213,7 @@ def all_scores(st: dict, cats: dict, pool: str) -> dict[str, torch.Tensor]:
 
 def detector(views: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Metrics of the standardised sum of 1-D view scores (each standardised by its out-of-fold scores)."""
-    tot: dict[str, torch.Tensor] = {}
-    for v in views:
-        both = torch.cat([v["oof_p"], v["oof_n"]])
-        c, sd = both.mean(), both.std().clamp_min(1e-6)
-        for k, x in v.items():
-            tot[k] = tot.get(k, 0) + (x - c) / sd
+    tot = standardised_sum(views)
     cal_p, cal_n = torch.cat([tot["oof_p"], tot["val_p"]]), torch.cat([tot["oof_n"], tot["val_n"]])
     thr, tpr, fpr = best_threshold(cal_p, cal_n, fp_weight=1.5)
     roc, loco = roc_points(cal_p, cal_n), roc_points(tot["loco_p"], tot["loco_n"])
