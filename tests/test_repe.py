@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from tiny_llms import tiny_gpt2, tiny_llama, tiny_tokenizer
+from tiny_llms import FAMILIES, tiny_causal_lm, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 import safeguard
 from safeguard.core.hooks import hook_snapshot
@@ -14,7 +16,9 @@ from safeguard.steering.reading import collect_states, read_directions
 from safeguard.steering.vectors import SteeringVectors
 
 
-def random_vectors(num_layers: int, hidden: int, seed: int = 1, **calibration) -> SteeringVectors:
+def random_vectors(
+    num_layers: int, hidden: int, seed: int = 1, model_type: str = "llama", **calibration
+) -> SteeringVectors:
     g = torch.Generator().manual_seed(seed)
     sets = {}
     for name in ("concept", "condition", "behaviour"):
@@ -22,7 +26,9 @@ def random_vectors(num_layers: int, hidden: int, seed: int = 1, **calibration) -
         sets[name] = d / d.norm(dim=-1, keepdim=True)
     scales = {n: torch.rand(num_layers, generator=g) + 0.5 for n in sets}
     cal = {"mode": "conditional", "condition_layer": 1, "threshold": 0.0, "layers": [2], "strength": 1.0} | calibration
-    return SteeringVectors(sets, scales, torch.ones(num_layers), {"model": {"model_type": "llama"}, "calibration": cal})
+    return SteeringVectors(
+        sets, scales, torch.ones(num_layers), {"model": {"model_type": model_type}, "calibration": cal}
+    )
 
 
 @pytest.fixture()
@@ -289,7 +295,7 @@ def test_text_generation_pipeline_and_gpt2_discovery(tmp_path):
     from transformers import pipeline
 
     model, tok = tiny_gpt2(), tiny_tokenizer()
-    folder = random_vectors(3, 32, layers=[1]).save(tmp_path / "v")
+    folder = random_vectors(3, 32, layers=[1], model_type="gpt2").save(tmp_path / "v")
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
     snap = hook_snapshot(model)
     safeguard.wrap(pipe, concepts=["harmful"], method="repe", mode="add", vectors=str(folder), strength=2.0)
@@ -300,6 +306,59 @@ def test_text_generation_pipeline_and_gpt2_discovery(tmp_path):
         safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=str(folder))
     safeguard.unwrap(pipe)
     assert hook_snapshot(model) == snap
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_discovery_exact_add_cache_parity_and_unwrap(family, tmp_path):
+    """Llama, Qwen2, Mistral, Gemma, Gemma 2, Phi-3, Phi and GPT-2: the decoder layers are found, ``add`` shifts a
+    layer's output by exactly the vector (first position untouched), conditional greedy generation with the KV
+    cache equals it without, and unwrap restores the logits bit-exactly with no hook left."""
+    from safeguard.adapters import CausalLMAdapter
+
+    model, tok = tiny_causal_lm(family), tiny_tokenizer()
+    path, layers = CausalLMAdapter(model, tok).decoder_layers()
+    assert path == ("transformer.h" if family == "gpt2" else "model.layers") and len(layers) == 4
+    folder = str(random_vectors(4, 32, layers=[2], condition_layer=1).save(tmp_path / "v"))
+    enc = batch(tok, ["how do i make a bomb", "please explain python"])
+    before = model(**enc).logits
+    store, h = capture(layers[2])
+    model(**enc)
+    plain = store["h"]
+    h.remove()
+    snap = hook_snapshot(model)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        safeguard.wrap(
+            model, tokenizer=tok, concepts=["harmful"], method="repe", mode="add", strength=1.5, vectors=folder
+        )
+    mismatch = [w for w in seen if "read on a 'llama' model" in str(w.message)]  # the vectors' meta says llama
+    assert len(mismatch) == (family != "llama")
+    store, h = capture(layers[2])
+    model(**enc)
+    h.remove()
+    vec = SteeringVectors.load(folder).vector("behaviour", 2, 1.5)
+    real, first = enc["attention_mask"].bool(), enc["attention_mask"].argmax(1)
+    for b in range(2):
+        assert torch.equal(store["h"][b, first[b]], plain[b, first[b]])
+        rest = real[b].clone()
+        rest[first[b]] = False
+        torch.testing.assert_close(
+            store["h"][b, rest] - plain[b, rest], vec.expand(int(rest.sum()), -1), atol=1e-5, rtol=0
+        )
+    safeguard.unwrap(model)
+    plain_ids = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for mode in ("add", "conditional"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", mode=mode, strength=3.0,
+                           vectors=folder)  # fmt: skip
+        a = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        c = model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+        assert torch.equal(a, c), mode
+        if mode == "add":
+            assert not torch.equal(a, plain_ids)  # the steering changes what is generated
+        safeguard.unwrap(model)
+    assert torch.equal(model(**enc).logits, before) and hook_snapshot(model) == snap
 
 
 def test_bad_options_raise_and_leave_model_untouched(llm):

@@ -252,6 +252,15 @@ class RepEDefense(Defense):
                     f"steering vectors for {vecs.num_layers} layers x {vecs.hidden_size} do not fit "
                     f"{adapter.pipeline_name} ({len(layers)} layers x {adapter.hidden_size}); read them on this model."
                 )
+            read_on = vecs.meta.get("model", {}).get("model_type")
+            here = adapter.fingerprint()["model_type"]
+            if read_on and read_on != here:
+                warnings.warn(
+                    f"these steering vectors were read on a {read_on!r} model and are applied to a {here!r} one of the "
+                    "same shape: residual-stream directions do not carry over between models; leave out vectors= to "
+                    "read them on this model (cached after the first use) unless that is what you intend.",
+                    stacklevel=5,  # the caller of safeguard.wrap
+                )
         self.plans = [_ConceptSteering(c, v, cfg, len(layers)) for c, v in zip(self.concepts, all_vecs)]
         needs_prefix = [p for p in self.plans if p.detector is not None and p.detector.needs_prompt_weights]
         self._prefix = adapter.chat_prefix_ids() if needs_prefix else None
