@@ -13,10 +13,12 @@ same inputs (bit-identical behaviour directions and scales, the same search prom
 13 minutes; the shipped READING_VERSION 10 vectors were made so from the version 8 ones
 (``git show 37a48b0:safeguard/models/weights/repe/harmful-mean_diff/<file>`` into a folder).
 
-The ``harmful`` detector (READING_VERSION 10, as 8) sums two views, chosen by validation + out-of-fold AUROC, trained
-with the first training-only file (240 pairs and 200 scary-word harmless prompts) at LDA shrinkage 0.3, the choice of
+The ``harmful`` detector (READING_VERSION 11) is chosen by validation + out-of-fold AUROC among ``last``, ``prompt``,
+``both`` (the two residual-stream views of READING_VERSION 8 and 10) and ``both+encoder`` (the same two plus the
+requests' MiniLM sentence embeddings, added after ``scripts/detector_encoder_experiment.py``), trained with the first
+training-only file (240 pairs and 200 scary-word harmless prompts) at LDA shrinkage 0.3, the choice of
 ``scripts/detector_negatives_experiment.py``; the calibration adds the release window (layers 8-14,
-``scripts/release_experiment.py``). Experiments (``harmful`` only; write them elsewhere with ``--out``, never over
+``scripts/release_experiment.py``). ``--no-encoder`` leaves the encoder view out (READING_VERSION 10's detectors). Experiments (``harmful`` only; write them elsewhere with ``--out``, never over
 the shipped folder): ``--extra-data`` / ``--extra-scary`` name the files whose pairs / scary-word prompts to use
 (none: the flag alone), ``--lda-shrinkage`` changes the shrinkage and ``--detector`` fixes the view; the detectors of
 READING_VERSION 9 (``scripts/detector_breadth_experiment.py``'s choice, withdrawn) and 7 are
@@ -71,6 +73,9 @@ def main() -> None:
         "--detector", default=DETECTOR or "auto", choices=[*DETECTORS, "auto"], help="harmful: the detector view"
     )
     ap.add_argument("--lda-shrinkage", type=float, default=LDA_SHRINKAGE, help="harmful: condition LDA shrinkage")
+    ap.add_argument(
+        "--no-encoder", action="store_true", help="harmful: leave out the sentence-encoder view (READING_VERSION 10)"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -88,6 +93,7 @@ def main() -> None:
             detector=None if args.detector == "auto" else args.detector,
             reuse_behaviour=SteeringVectors.load(args.reuse_behaviour) if args.reuse_behaviour else None,
             lda_shrinkage=args.lda_shrinkage,
+            encoder=not args.no_encoder,
         )
         vecs.meta["reading_seconds"] = round(time.perf_counter() - t0, 1)
         folder = vecs.save(Path(args.out) / f"{concept.name}-{args.method}")

@@ -2,8 +2,7 @@
 
 For each held-out set (``test``, ``fresh``, ``fresh2``, ``fresh3``: harmful requests, matched harmless ones, harmless
 ones with scary words) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
-on the shipped vectors: last prompt token and request-token mean, each a cosine standardised by the calibration's
-center and scale, summed) through the chat template, as the guard does during the prefill, and reports:
+on the shipped vectors: its views, each a cosine standardised by the calibration's center and scale, summed) through the chat template, as the guard does during the prefill, and reports:
 
 - AUROC of harmful against all harmless requests, and the shares above the calibrated threshold (flagged); when
   ``benchmarks/results/eval/llm_repe_harmful[_<set>].json`` exists, a parity check that these shares equal the
@@ -33,6 +32,7 @@ from safeguard.adapters import CausalLMAdapter
 from safeguard.steering import data
 from safeguard.steering.calibrate import auroc
 from safeguard.steering.detector import resolve_detector
+from safeguard.steering.encoder import SentenceEncoder, chat_request_texts
 from safeguard.steering.reading import collect_states
 from safeguard.steering.vectors import SteeringVectors
 
@@ -59,8 +59,11 @@ def scores(adapter: CausalLMAdapter, det, vecs: SteeringVectors, prompts: list[s
     _, layers = adapter.decoder_layers()
     total = torch.zeros(len(prompts))
     for view, unit in zip(det.views, det.units(vecs)):
-        kw = {"position": "prompt", "prefix_ids": adapter.chat_prefix_ids()} if view.pool == "prompt" else {}
-        states = collect_states(adapter.model, adapter.tokenizer, texts, layers, **kw)[0][view.layer]
+        if view.pool == "encoder":  # the request text as the guard decodes it, embedded
+            states = SentenceEncoder().embed(chat_request_texts(adapter, prompts))
+        else:
+            kw = {"position": "prompt", "prefix_ids": adapter.chat_prefix_ids()} if view.pool == "prompt" else {}
+            states = collect_states(adapter.model, adapter.tokenizer, texts, layers, **kw)[0][view.layer]
         cos = states @ unit / states.norm(dim=-1).clamp_min(1e-12)
         total += (cos - view.center) / view.scale
     return total
@@ -92,7 +95,10 @@ def plot(result: dict, threshold: float, path: Path) -> None:
         ax.set_xlabel("detector score (sum of standardised cosines)")
     axes[0].set_ylabel("density")
     axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"shipped 'harmful' detector on the held-out sets (dashed: calibrated threshold {threshold:.3f})")
+    fig.suptitle(
+        f"shipped harmful-request detector {result['detector']!r} on the held-out sets "
+        f"(dashed: calibrated threshold {threshold:.3f})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")

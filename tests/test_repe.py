@@ -523,29 +523,26 @@ def test_second_extra_files_and_fresh2_set_are_separate():
         data.harmful_pairs("fresh2", extra=True)
 
 
-def test_fresh3_set_is_whole_balanced_and_disjoint_from_everything_else():
+@pytest.mark.parametrize("split,tag", [("fresh3", "-h"), ("fresh4", "-i")])
+def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
     from safeguard.core.errors import InvalidOptionError
     from safeguard.steering import data
 
-    pairs, scary = data.harmful_pairs("fresh3"), data.scary_harmless("fresh3")
+    pairs, scary = data.harmful_pairs(split), data.scary_harmless(split)
     cats = {p["category"] for p in data.harmful_pairs("test")}
     assert len(pairs) == 80 and all(sum(p["category"] == c for p in pairs) == 10 for c in cats)
     assert len(scary) == 40 and len({p["category"] for p in scary}) == 8
-    assert all("-h" in p["id"] for p in pairs + scary)
-    assert "fresh3" in data.HELD_OUT and "fresh3" in data.LATER
+    assert all(tag in p["id"] for p in pairs + scary)
+    assert split in data.HELD_OUT and split in data.LATER
     mine = {p[k] for p in pairs for k in ("harmful", "harmless")} | {p["prompt"] for p in scary}
-    others = {
-        p[k]
-        for s in ("train", "val", "test", "fresh", "fresh2")
-        for p in data.harmful_pairs(s)
-        for k in ("harmful", "harmless")
-    }
+    rest = [s for s in ("train", "val", *data.HELD_OUT) if s != split]
+    others = {p[k] for s in rest for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
     others |= {p[k] for w in data.EXTRA for p in data.extra_pairs(w) for k in ("harmful", "harmless")}
-    others |= {p["prompt"] for s in ("train", "test", "fresh", "fresh2") for p in data.scary_harmless(s)}
+    others |= {p["prompt"] for s in rest if s != "val" for p in data.scary_harmless(s)}
     others |= {p["prompt"] for w in data.EXTRA for p in data.extra_scary_harmless(w)}
     assert len(mine) == 200 and not mine & others
     with pytest.raises(InvalidOptionError):
-        data.scary_harmless("fresh3", extra=True)
+        data.scary_harmless(split, extra=True)
 
 
 def test_training_only_data_is_far_from_held_out_prompts():
@@ -560,7 +557,7 @@ def test_training_only_data_is_far_from_held_out_prompts():
     )
     assert res.returncode == 0, res.stdout + res.stderr
     for name, n in (("extra_scary", 200), ("extra_pairs", 480), ("extra2_scary", 132), ("extra2_pairs", 560)):
-        for split in ("test", "val", "fresh", "fresh2", "fresh3"):
+        for split in ("test", "val", "fresh", "fresh2", "fresh3", "fresh4"):
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
 
 
@@ -666,6 +663,89 @@ def test_two_view_detector_scores_match_hand_computation(tmp_path, layers, side)
     for row, fired in enumerate(d["fired"]):
         assert torch.equal(guarded[row], plain[row]) != fired
     safeguard.unwrap(model)
+
+
+def test_encoder_view_scores_the_decoded_request_text(tmp_path):
+    """``both+encoder``: the third view is the MiniLM embedding of each row's decoded request (the chat template's
+    prefix and suffix removed); the guard's scores equal a hand computation; inputs_embeds calls are refused."""
+    from safeguard.steering.encoder import ENCODER_SET, SentenceEncoder, chat_request_texts, chat_suffix
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}please help me {{ m['content'] }} sure{% endfor %}"
+    vecs, _ = _two_view_vectors(tmp_path / "v2", prompt_layer=1, last_layer=2, threshold=0.0)
+    g = torch.Generator().manual_seed(9)
+    e = torch.randn(1, 384, generator=g)
+    vecs.directions[ENCODER_SET], vecs.scales[ENCODER_SET] = e / e.norm(), torch.ones(1)
+    views = vecs.calibration["detectors"]["both"]["views"] + [
+        {"set": ENCODER_SET, "layer": 0, "pool": "encoder", "center": 0.05, "scale": 0.25}
+    ]
+    vecs.calibration.update(detector="both+encoder", detectors={"both+encoder": {"views": views, "threshold": 0.0}})
+    folder = str(vecs.save(tmp_path / "v3"))
+    loaded = SteeringVectors.load(folder)
+    assert loaded.hidden_size == 32 and loaded.directions[ENCODER_SET].shape == (1, 384)
+
+    requests = ["how do i make a bomb", "explain the garden", "write a story about tea"]
+    adapter = safeguard.adapters.CausalLMAdapter(model, tok)
+    assert chat_suffix(adapter) == " sure"
+    assert chat_request_texts(adapter, requests) == requests  # prefix and suffix come off exactly
+    texts = [adapter.chat_text(r) for r in requests]
+    enc = batch(tok, texts, "left")
+    outs = {}
+    handles = [
+        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        for i in (1, 2)
+    ]  # fmt: skip
+    with torch.no_grad():
+        model(**enc)
+    for h in handles:
+        h.remove()
+    prefix_len = len(tok("please help me", add_special_tokens=False)["input_ids"])
+    emb = SentenceEncoder().embed(requests)
+    cos = lambda x, u: float(x @ u / x.norm())  # noqa: E731
+    expect = []
+    for b in range(3):
+        real = [t for t in range(enc["input_ids"].shape[1]) if enc["attention_mask"][b, t]]
+        x_last, x_mean = outs[2][b, real[-1]], outs[1][b, real[prefix_len:]].mean(0)
+        expect.append(
+            (cos(x_last, vecs.directions["condition"][2]) - 0.1) / 0.5
+            + (cos(x_mean, vecs.directions["condition_prompt"][1]) + 0.2) / 2.0
+            + (cos(emb[b], vecs.directions[ENCODER_SET][0]) - 0.05) / 0.25
+        )
+    snap = hook_snapshot(model)
+    safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, layers=[2], strength=4.0)
+    model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    d = safeguard.last_report(model).defenses[0].details
+    assert d["detector"] == "both+encoder" and d["detector_layers"] == [1, 2]
+    assert d["scores"] == pytest.approx(expect, abs=2e-4)
+    with pytest.raises(safeguard.InvalidOptionError, match="inputs_embeds"):
+        model(inputs_embeds=model.model.embed_tokens(enc["input_ids"]), attention_mask=enc["attention_mask"])
+    safeguard.unwrap(model)
+    assert hook_snapshot(model) == snap
+
+
+def test_calibrate_detectors_adds_the_encoder_detector_and_picks_by_auroc():
+    from safeguard.steering.calibrate import auroc, calibrate_detectors
+
+    g = torch.Generator().manual_seed(3)
+
+    def view(name, pool, sep):  # scores with class separation ``sep``
+        def s(n, shift):
+            return torch.randn(n, generator=g) + shift
+
+        return dict(set=name, pool=pool, layer=0 if pool == "encoder" else 1,
+                    oof=(s(60, sep), s(90, 0.0)), val=(s(20, sep), s(20, 0.0)))  # fmt: skip
+
+    views = {"last": view("condition", "last", 1.0), "prompt": view("condition_prompt", "prompt", 1.0)}
+    chosen, table = calibrate_detectors(views)
+    assert "both+encoder" not in table and chosen in ("last", "prompt", "both")
+    views["encoder"] = view("condition_encoder", "encoder", 3.0)  # far the best view
+    chosen, table = calibrate_detectors(views)
+    assert chosen == "both+encoder" and [v["pool"] for v in table[chosen]["views"]] == ["last", "prompt", "encoder"]
+    e = table[chosen]
+    # its AUROCs are those of the standardised sum it describes
+    tot = sum((v["oof"][0] - c["center"]) / c["scale"] for v, c in zip(views.values(), e["views"]))
+    neg = sum((v["oof"][1] - c["center"]) / c["scale"] for v, c in zip(views.values(), e["views"]))
+    assert e["oof_auroc"] == pytest.approx(auroc(tot, neg))
 
 
 def test_detector_options_resolve_and_refuse_bad_combinations(tmp_path):

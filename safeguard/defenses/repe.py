@@ -46,6 +46,7 @@ from ..core.errors import InvalidOptionError
 from ..core.registry import register_defense
 from ..steering.build import cached_vectors, is_refusal_concept
 from ..steering.detector import DETECTORS, pool_states, resolve_detector, view_scores
+from ..steering.encoder import SentenceEncoder, chat_suffix, request_texts
 from ..steering.ops import ablate_direction, add_vector, hidden_of, replace_hidden
 from ..steering.reading import METHODS, prefix_matches, prompt_weights
 from ..steering.vectors import SteeringVectors
@@ -72,8 +73,9 @@ class RepEConfig(DefenseConfig):
         condition_layer: the layer whose last-prompt-token state is scored (``conditional``); given
             without ``detector`` it selects the ``"last"`` detector.
         threshold: score above which a row is steered (``conditional``): a cosine for the one-view
-            detectors, a sum of standardised cosines for ``"both"``.
-        detector: ``"last"``, ``"prompt"`` or ``"both"`` (see :mod:`safeguard.steering.detector`);
+            detectors, a sum of standardised cosines for ``"both"`` and ``"both+encoder"``.
+        detector: ``"last"``, ``"prompt"``, ``"both"`` or ``"both+encoder"`` (the two views plus the request's
+            MiniLM sentence embedding; see :mod:`safeguard.steering.detector`);
             default: the calibrated choice.
         release: ``conditional`` only: ablate the behaviour (refusal) direction in the rows the detector passes,
             so that the model does not refuse them by itself; default: on if the vectors carry a calibrated
@@ -265,6 +267,12 @@ class RepEDefense(Defense):
         needs_prefix = [p for p in self.plans if p.detector is not None and p.detector.needs_prompt_weights]
         self._prefix = adapter.chat_prefix_ids() if needs_prefix else None
         self._warned_prefix = False
+        encoded = [p for p in self.plans if p.detector is not None and p.detector.needs_encoder]
+        if encoded:
+            adapter.require_tokenizer(f"the {encoded[0].detector.name!r} detector (it embeds the request text)")
+        self._encoder = SentenceEncoder(adapter.device) if encoded else None
+        self._tokenizer = adapter.tokenizer
+        self._suffix = chat_suffix(adapter) if encoded else ""
         calibrated_with = max(
             (p.vecs.meta.get("reading", {}).get("chat_prefix_tokens", 0) for p in needs_prefix), default=0
         )
@@ -316,10 +324,27 @@ class RepEDefense(Defense):
             shape = tuple(embeds.shape[:2]) if isinstance(embeds, torch.Tensor) else None
             self.prompt_w = prompt_weights(ids, mask, self._prefix, shape)
             self._note_prefix(ids, mask)
+            for p_idx in undecided:
+                if self.plans[p_idx].detector.needs_encoder:
+                    self._encode(p_idx, ids)
         for p_idx in undecided:
             if self.plans[p_idx].lookahead:
                 self._look_ahead(p_idx, args, kwargs)
         return None
+
+    def _encode(self, p_idx: int, ids: torch.Tensor | None) -> None:
+        """Keep the encoder view's input: each row's decoded request text, embedded by the sentence encoder."""
+        det = self.plans[p_idx].detector
+        if ids is None:
+            raise InvalidOptionError(
+                f"the {det.name!r} detector reads each request's text from input_ids, but this call passed "
+                "inputs_embeds; pass input_ids, or wrap with detector='both'."
+            )
+        assert self._encoder is not None and self.prompt_w is not None
+        emb = self._encoder.embed(request_texts(self._tokenizer, ids, self.prompt_w, self._suffix)).to(ids.device)
+        for v_idx, view in enumerate(det.views):
+            if view.pool == "encoder":
+                self.pooled[p_idx][v_idx] = emb
 
     def _note_prefix(self, ids: torch.Tensor | None, mask: torch.Tensor | None) -> None:
         """Record which rows began with the chat template's prefix; warn once when some did not."""

@@ -2,7 +2,7 @@
 
 ``python -m safeguard eval --model smollm2 --method repe --concepts harmful`` runs the held-out
 test split of ``safeguard/data/llm`` (never used for reading or calibration; ``--split fresh``,
-``--split fresh2`` and ``--split fresh3``: the held-out sets written later) through the model
+``--split fresh2``, ``fresh3`` and ``fresh4``: the held-out sets written later) through the model
 unguarded and guarded (greedy, the same prompts in the same batches) and reports:
 
 - **refusal rate** on harmful requests and **over-refusal** on harmless ones (matched harmless
@@ -62,26 +62,14 @@ class MiniLMRefusalJudge:
     """
 
     def __init__(self, device: str = "cpu", min_similarity: float = 0.35):
-        from ..models.minilm import load_minilm
+        from ..steering.encoder import SentenceEncoder
 
-        self.tokenizer, self.encoder = load_minilm(device)
         self.device = device
         self.min_similarity = min_similarity
+        self._embed = SentenceEncoder(device).embed  # masked mean of MiniLM's token states, unit norm
         refusals, compliances = data.refusal_exemplars()
         self.refusals = self._embed(refusals)
         self.compliances = self._embed(compliances)
-
-    @torch.no_grad()
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        """Sentence embeddings as all-MiniLM-L6-v2 defines them: masked mean of token states, unit norm."""
-        out = []
-        for i in range(0, len(texts), 64):
-            enc = self.tokenizer(texts[i : i + 64], return_tensors="pt", padding=True, truncation=True, max_length=128)
-            enc = enc.to(self.device)
-            h = self.encoder(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1).cpu())
-        return torch.cat(out)
 
     @staticmethod
     def first_sentence(reply: str) -> str:
@@ -228,8 +216,8 @@ def run_llm_eval(
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate ``method`` for ``concept`` on ``model`` (see the module docstring). Returns the metrics.
 
-    ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"``, ``"fresh"``, ``"fresh2"`` or
-    ``"fresh3"`` (topic concepts always use the held-out templates).
+    ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"``, ``"fresh"``, ``"fresh2"``,
+    ``"fresh3"`` or ``"fresh4"`` (topic concepts always use the held-out templates).
     """
     from ..core.errors import InvalidOptionError
 

@@ -40,12 +40,13 @@ from .calibrate import (
     select_behaviour,
     select_condition_layer,
 )
+from .encoder import ENCODER_SET
 from .reading import collect_states, lda_directions, projections, read_directions
 from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 10
+READING_VERSION = 11
 LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_negatives_experiment.py)
 # the detector's training-only data and view: the first extra file, the view by validation + out-of-fold AUROC
 # (scripts/detector_negatives_experiment.py; the topic-broad extra2 pairs and the request-mean view that
@@ -53,6 +54,10 @@ LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_neg
 EXTRA_DATA = ("extra",)  # files whose pairs the detector reads
 EXTRA_SCARY = ("extra",)  # files whose scary-word harmless prompts it reads
 DETECTOR: str | None = None
+# the sentence-encoder view (all-MiniLM-L6-v2 embeddings of the request) joins the detector's candidates: chosen on
+# calibration data by scripts/detector_encoder_experiment.py (leave-one-category-out TPR within FPR 0.05 0.797,
+# against 0.759 without it); READING_VERSION 11
+ENCODER_VIEW = True
 # rows the detector passes get the refusal direction ablated on these layers (scripts/release_experiment.py's window)
 RELEASE_LAYERS = list(range(8, 15))
 
@@ -85,16 +90,19 @@ def read_vectors(
     extra_scary: tuple[str, ...] = EXTRA_SCARY,
     lda_shrinkage: float = LDA_SHRINKAGE,
     detector: str | None = DETECTOR,
+    encoder: bool = ENCODER_VIEW,
     reuse_behaviour: SteeringVectors | None = None,
 ) -> SteeringVectors:
     """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``.
 
-    The last four concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
+    The last five concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
     (``"extra"``: 240 pairs and 200 scary-word harmless prompts; ``"extra2"``: 280 topic-broad pairs and 132 scary-word
     prompts; see :func:`~safeguard.steering.data.extra_pairs`) whose pairs, and whose scary-word prompts, join the
     detector directions' training data (their out-of-fold threshold scores included); the behaviour and concept
     directions stay on the original training split. ``detector`` fixes the detector view (``None``: the best by
-    validation + out-of-fold AUROC). The defaults give the shipped vectors; ``extra_data=("extra",), detector=None``
+    validation + out-of-fold AUROC). ``encoder`` adds the sentence-encoder view and with it the ``"both+encoder"``
+    detector (:mod:`safeguard.steering.encoder`). The defaults give the shipped vectors; ``encoder=False`` gives
+    the detectors of READING_VERSION 10; ``extra_data=("extra",), detector=None``
     gives the detector of READING_VERSION 8 and ``extra_data=(), extra_scary=(), lda_shrinkage=0.7, detector=None``
     the one before it. ``reuse_behaviour``: earlier ``harmful`` vectors whose behaviour search (the slow part, about
     25 minutes on 2 cores) is taken over when its inputs are provably the same (:func:`_reusable_behaviour`).
@@ -108,7 +116,8 @@ def read_vectors(
     model.eval()
     try:
         if is_refusal_concept(concept):
-            options = dict(extra_data=extra_data, extra_scary=extra_scary, shrinkage=lda_shrinkage, detector=detector)
+            options = dict(extra_data=extra_data, extra_scary=extra_scary, shrinkage=lda_shrinkage, detector=detector,
+                           encoder=encoder)  # fmt: skip
             vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed, reuse_behaviour, **options)
         else:
             vecs = _read_topic(adapter, concept, layers, method, meta, progress, seed)
@@ -131,6 +140,7 @@ def _read_refusal(
     extra_scary,
     shrinkage,
     detector,
+    encoder,
 ) -> SteeringVectors:
     model, tok, chat = adapter.model, adapter.tokenizer, adapter.chat_text
     train, val = data.harmful_pairs("train"), data.harmful_pairs("val")
@@ -164,6 +174,19 @@ def _read_refusal(
         dim=1,
     )
     p_dirs = lda_directions(pp_pos, pp_neg, shrinkage)
+    # the third candidate view: the requests' sentence embeddings (decoded as the guard decodes them), same rules
+    encoded = None
+    if encoder:
+        from .encoder import SentenceEncoder, chat_request_texts
+
+        sentence = SentenceEncoder()
+
+        def encoded(requests: list[str]) -> torch.Tensor:  # [1, N, 384]
+            return sentence.embed(chat_request_texts(adapter, requests))[None]
+
+        e_pos = encoded([p["harmful"] for p in train + extra])
+        e_neg = torch.cat([encoded([p["harmless"] for p in train + extra]), encoded(scary)], dim=1)
+        e_dirs = lda_directions(e_pos, e_neg, shrinkage)
 
     # behaviour: the same training prompts answered with a refusal versus with compliance
     refusals, compliances = data.refusal_exemplars()
@@ -204,6 +227,13 @@ def _read_refusal(
             | ({"condition_extra_pairs": len(extra)} if extra else {})
         },
     )
+    if encoder:
+        vecs.directions[ENCODER_SET] = e_dirs
+        vecs.scales[ENCODER_SET] = (e_pos.mean(1) - e_neg.mean(1)).mul(e_dirs).sum(-1)
+        vecs.meta["reading"]["condition_encoder"] = (
+            f"shrunk Fisher discriminant ({shrinkage}) of the requests' all-MiniLM-L6-v2 sentence embeddings "
+            "(the request text decoded from its chat-template tokens), the same prompts"
+        )
     # calibration on the validation split (never on the held-out test split)
     v_pos, _ = collect_states(model, tok, [chat(p["harmful"]) for p in val], layers)
     v_neg, _ = collect_states(model, tok, [chat(p["harmless"]) for p in val], layers)
@@ -217,15 +247,19 @@ def _read_refusal(
     pv_neg = projections(prompt_states([chat(p["harmless"]) for p in val]), p_dirs)
     poof_pos, poof_neg = out_of_fold_scores(pp_pos, pp_neg, lambda p, n: lda_directions(p, n, shrinkage))
     p_layer, p_table = select_condition_layer(pv_pos, pv_neg, poof_pos, poof_neg)
-    detector, detectors = calibrate_detectors(
-        {
-            "last": dict(set="condition", pool="last", layer=layer, oof=(oof_pos[layer], oof_neg[layer]),
-                         val=(sv_pos[layer], sv_neg[layer])),
-            "prompt": dict(set="condition_prompt", pool="prompt", layer=p_layer,
-                           oof=(poof_pos[p_layer], poof_neg[p_layer]), val=(pv_pos[p_layer], pv_neg[p_layer])),
-        },
-        choose=detector,
-    )  # fmt: skip
+    views = {
+        "last": dict(set="condition", pool="last", layer=layer, oof=(oof_pos[layer], oof_neg[layer]),
+                     val=(sv_pos[layer], sv_neg[layer])),
+        "prompt": dict(set="condition_prompt", pool="prompt", layer=p_layer,
+                       oof=(poof_pos[p_layer], poof_neg[p_layer]), val=(pv_pos[p_layer], pv_neg[p_layer])),
+    }  # fmt: skip
+    if encoded is not None:
+        eoof_pos, eoof_neg = out_of_fold_scores(e_pos, e_neg, lambda p, n: lda_directions(p, n, shrinkage))
+        ev_pos = projections(encoded([p["harmful"] for p in val]), e_dirs)
+        ev_neg = projections(encoded([p["harmless"] for p in val]), e_dirs)
+        views["encoder"] = dict(set=ENCODER_SET, pool="encoder", layer=0, oof=(eoof_pos[0], eoof_neg[0]),
+                                val=(ev_pos[0], ev_neg[0]))  # fmt: skip
+    detector, detectors = calibrate_detectors(views, choose=detector)
     # stage 1 on the training and validation harmful requests (24 validation prompts alone tie strengths), stage 2
     # on the extra training-only requests, judged by both of the evaluation's judges (the first stage saturates)
     from ..eval.llm import MiniLMRefusalJudge

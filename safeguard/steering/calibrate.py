@@ -116,8 +116,8 @@ def select_condition_layer(
 def calibrate_detectors(
     views: dict[str, dict[str, Any]], fp_weight: float = 1.5, choose: str | None = None
 ) -> tuple[str, dict[str, dict]]:
-    """Thresholds of the ``"last"``, ``"prompt"`` and ``"both"`` detectors, and the best one by val + OOF AUROC
-    (or ``choose``, a choice the caller made elsewhere).
+    """Thresholds of the ``"last"``, ``"prompt"`` and ``"both"`` detectors (and ``"both+encoder"`` when ``views``
+    has an ``"encoder"`` view), and the best one by val + OOF AUROC (or ``choose``, a choice made elsewhere).
 
     ``views`` maps ``"last"`` and ``"prompt"`` to ``{"set", "pool", "layer", "oof": (pos, neg), "val": (pos, neg)}``
     with 1-D cosine scores at the view's chosen layer (out-of-fold training scores, validation scores). ``"both"``
@@ -155,6 +155,8 @@ def calibrate_detectors(
         "prompt": entry([(views["prompt"], 0.0, 1.0)]),
         "both": entry([standardised(views["last"]), standardised(views["prompt"])]),
     }
+    if "encoder" in views:
+        table["both+encoder"] = entry([standardised(views[k]) for k in ("last", "prompt", "encoder")])
     if choose is not None:
         return choose, table
     chosen = max(table, key=lambda k: (table[k]["val_auroc"] + table[k]["oof_auroc"], -len(table[k]["views"])))

@@ -6,13 +6,15 @@ two *views*; a view is a direction set, a decoder layer and a pooling of that la
 - ``"last"``: the state of the prompt's last real token (the end of the chat template's assistant
   header, where the model has read the whole request);
 - ``"prompt"``: the mean over the request's own tokens (:func:`~safeguard.steering.reading.prompt_weights`:
-  after each row's first token and after the chat template's fixed prefix).
+  after each row's first token and after the chat template's fixed prefix);
+- ``"encoder"``: not a layer's state but the request text's all-MiniLM-L6-v2 sentence embedding
+  (:mod:`safeguard.steering.encoder`), its direction the ``[1, 384]`` set ``condition_encoder``.
 
 A view's score is the cosine of the pooled state with its direction. The calibrated detectors
 (:mod:`safeguard.steering.build`) are ``"last"`` and ``"prompt"`` (one view, the raw cosine) and
 ``"both"``: the sum of the two views' cosines, each standardised by the mean and standard deviation
-of its out-of-fold training scores, so neither view dominates by scale. A row is steered when its
-score exceeds the detector's threshold.
+of its out-of-fold training scores, so neither view dominates by scale; ``"both+encoder"`` adds the
+encoder view to those two the same way. A row is steered when its score exceeds the detector's threshold.
 
 Example:
     >>> det = resolve_detector(vecs)  # doctest: +SKIP
@@ -31,8 +33,8 @@ import torch
 
 from ..core.errors import InvalidOptionError
 
-POOLS = ("last", "prompt")
-DETECTORS = ("last", "prompt", "both")
+POOLS = ("last", "prompt", "encoder")
+DETECTORS = ("last", "prompt", "both", "both+encoder")
 
 
 @dataclass(frozen=True)
@@ -59,15 +61,20 @@ class Detector:
 
     @property
     def layers(self) -> list[int]:
-        return sorted({v.layer for v in self.views})
+        """The decoder layers the views read (the encoder view reads none)."""
+        return sorted({v.layer for v in self.views if v.pool != "encoder"})
 
     @property
     def deepest(self) -> int:
-        return max(v.layer for v in self.views)
+        return max(self.layers)
 
     @property
     def needs_prompt_weights(self) -> bool:
-        return any(v.pool == "prompt" for v in self.views)
+        return any(v.pool in ("prompt", "encoder") for v in self.views)
+
+    @property
+    def needs_encoder(self) -> bool:
+        return any(v.pool == "encoder" for v in self.views)
 
     def units(self, vecs: Any) -> list[torch.Tensor]:
         """Each view's unit direction (float32, CPU)."""
@@ -105,7 +112,7 @@ def resolve_detector(
 
     ``name=None`` takes the calibrated choice (``calibration["detector"]``; ``"last"`` for vectors calibrated
     before detectors had names). ``condition_layer`` moves the ``"last"`` view to that layer; given without
-    ``name`` it selects the ``"last"`` detector. ``threshold`` replaces the detector's threshold (for ``"both"``
+    ``name`` it selects the ``"last"`` detector. ``threshold`` replaces the detector's threshold (for ``"both"`` and ``"both+encoder"``
     it is on the standardised scale).
     """
     cal = vecs.calibration
@@ -120,7 +127,8 @@ def resolve_detector(
                 "drop condition_layer or use detector='last'."
             )
         chosen = "last"
-    if threshold is not None and chosen != "both" and not -1.0 <= threshold <= 1.0:
+    summed = chosen in ("both", "both+encoder")  # thresholds on a sum of standardised cosines
+    if threshold is not None and not summed and not -1.0 <= threshold <= 1.0:
         raise InvalidOptionError(
             f"threshold={threshold} is outside [-1, 1]: detector {chosen!r} scores a cosine; give a cosine "
             "threshold, or detector='both' for a threshold on the sum of standardised cosines."
@@ -129,7 +137,7 @@ def resolve_detector(
         entry = table.get(chosen, {})
         warnings.warn(
             f"threshold={threshold} applies to the calibrated detector {chosen!r}"
-            + (" (a sum of standardised cosines" if chosen == "both" else " (a cosine of the request-token mean")
+            + (" (a sum of standardised cosines" if summed else " (a cosine of the request-token mean")
             + f"; calibrated threshold {entry.get('threshold', float('nan')):.3f}). Pass detector={chosen!r} to "
             "say so, or detector='last' for a cosine threshold on the last prompt token.",
             stacklevel=4,

@@ -56,7 +56,8 @@ class SteeringVectors:
 
     @property
     def hidden_size(self) -> int:
-        return int(next(iter(self.directions.values())).shape[1])
+        """Width of the residual-stream sets (the sentence-encoder set ``condition_encoder`` has its own)."""
+        return int(next(d for n, d in self.directions.items() if n != "condition_encoder").shape[1])
 
     @property
     def calibration(self) -> dict[str, Any]:
