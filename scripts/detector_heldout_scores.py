@@ -7,7 +7,9 @@ on the shipped vectors: its views, each a cosine standardised by the calibration
 - AUROC of harmful against all harmless requests, and the shares above the calibrated threshold (flagged); when
   ``benchmarks/results/eval/llm_repe_harmful[_<set>].json`` exists, a parity check that these shares equal the
   ``fired`` rates the evaluation recorded through the real hooks;
-- the shares flagged at a few other thresholds (``--thresholds``): **information only**. Every one of these sets
+- the shares flagged at a few other thresholds (``--thresholds``), and by the other detectors calibrated in the
+  same vectors at their own thresholds (``other_detectors_info``; e.g. READING_VERSION 10's ``"both"``):
+  **information only**. Every one of these sets
   has been read, so choosing a threshold from this table would fit it to them; the calibrated threshold is
   chosen on calibration data (``safeguard.steering.build``) and is what ships;
 - a figure: per set, the histograms of the three kinds of request with the calibrated threshold marked.
@@ -53,20 +55,33 @@ def held_out(split: str) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def scores(adapter: CausalLMAdapter, det, vecs: SteeringVectors, prompts: list[str]) -> torch.Tensor:
-    """``[N]`` detector scores of raw requests (chat template applied), one forward per view pooling."""
+def view_cosines(
+    adapter: CausalLMAdapter, vecs: SteeringVectors, views, prompts: list[str]
+) -> dict[tuple, torch.Tensor]:
+    """``{(set, layer, pool): [N] cosines}`` of raw requests (chat template applied) for every view in ``views``."""
     texts = [adapter.chat_text(p) for p in prompts]
     _, layers = adapter.decoder_layers()
-    total = torch.zeros(len(prompts))
-    for view, unit in zip(det.views, det.units(vecs)):
-        if view.pool == "encoder":  # the request text as the guard decodes it, embedded
-            states = SentenceEncoder().embed(chat_request_texts(adapter, prompts))
+    states: dict[str, torch.Tensor] = {}  # per pooling, every layer (one forward each)
+    out = {}
+    for v in views:
+        key = (v.set, v.layer, v.pool)
+        if key in out:
+            continue
+        if v.pool == "encoder":  # the request text as the guard decodes it, embedded
+            x = SentenceEncoder().embed(chat_request_texts(adapter, prompts))
         else:
-            kw = {"position": "prompt", "prefix_ids": adapter.chat_prefix_ids()} if view.pool == "prompt" else {}
-            states = collect_states(adapter.model, adapter.tokenizer, texts, layers, **kw)[0][view.layer]
-        cos = states @ unit / states.norm(dim=-1).clamp_min(1e-12)
-        total += (cos - view.center) / view.scale
-    return total
+            if v.pool not in states:
+                kw = {"position": "prompt", "prefix_ids": adapter.chat_prefix_ids()} if v.pool == "prompt" else {}
+                states[v.pool] = collect_states(adapter.model, adapter.tokenizer, texts, layers, **kw)[0]
+            x = states[v.pool][v.layer]
+        unit = vecs.directions[v.set][v.layer]
+        out[key] = x @ unit / x.norm(dim=-1).clamp_min(1e-12)
+    return out
+
+
+def detector_scores(det, cosines: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    """``[N]`` scores of ``det``: its views' cosines standardised and summed, as the guard does."""
+    return sum((cosines[(v.set, v.layer, v.pool)] - v.center) / v.scale for v in det.views)  # type: ignore[return-value]
 
 
 def plot(result: dict, threshold: float, path: Path) -> None:
@@ -117,10 +132,13 @@ def main() -> None:
     adapter = CausalLMAdapter(model, tok)
     vecs = SteeringVectors.load(VECTORS)
     det = resolve_detector(vecs)
+    others = {name: resolve_detector(vecs, name) for name in vecs.calibration["detectors"] if name != det.name}
+    every_view = [v for d in (det, *others.values()) for v in d.views]
     result: dict = {"detector": det.name, "views": [v.to_json() for v in det.views], "threshold": det.threshold}
     result["sets"] = {}
     for split in data.HELD_OUT:
-        sc = {k: scores(adapter, det, vecs, ps) for k, ps in held_out(split).items()}
+        cos = {k: view_cosines(adapter, vecs, every_view, ps) for k, ps in held_out(split).items()}
+        sc = {k: detector_scores(det, c) for k, c in cos.items()}
         neg = torch.cat([sc["harmless"], sc["harmless_scary"]])
         row = {
             "auroc": auroc(sc["harmful"], neg),
@@ -129,7 +147,14 @@ def main() -> None:
                 f"{t:g}": {k: float((v > t).float().mean()) for k, v in sc.items()} for t in args.thresholds
             },
             "scores": {k: [round(x, 4) for x in v.tolist()] for k, v in sc.items()},
+            "other_detectors_info": {},
         }
+        for name, d in others.items():  # the other calibrated detectors at their own thresholds: information only
+            o = {k: detector_scores(d, c) for k, c in cos.items()}
+            row["other_detectors_info"][name] = {
+                "auroc": auroc(o["harmful"], torch.cat([o["harmless"], o["harmless_scary"]])),
+                "flagged": {k: float((v > d.threshold).float().mean()) for k, v in o.items()},
+            }
         ev = EVAL / ("llm_repe_harmful.json" if split == "test" else f"llm_repe_harmful_{split}.json")
         if ev.exists():
             fired = json.loads(ev.read_text())["fired"]
@@ -153,6 +178,16 @@ def main() -> None:
             f"{split:8s}{r['auroc']:7.3f}{100 * f['harmful']:8.1f}%{100 * f['harmless']:8.1f}%"
             f"{100 * f['harmless_scary']:7.1f}%{r.get('parity_with_eval', '-')!s:>8s}  {others}"
         )
+    print(
+        "\nthe other calibrated detectors at their own thresholds (information only): flagged harmful/matched/scary %"
+    )
+    for split, r in result["sets"].items():
+        cells = "  ".join(
+            f"{n}: {100 * o['flagged']['harmful']:.1f}/{100 * o['flagged']['harmless']:.1f}/"
+            f"{100 * o['flagged']['harmless_scary']:.1f} (AUROC {o['auroc']:.3f})"
+            for n, o in r["other_detectors_info"].items()
+        )
+        print(f"{split:8s}{cells}")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_result(result, args.out.with_suffix(".json"))
     plot(result, det.threshold, args.out.with_suffix(".png"))

@@ -7,9 +7,10 @@ split that reading never used, with scores that need no generation:
   shrunk Fisher direction read on the training split) best separates validation harmful from
   harmless prompts (validation AUROC plus out-of-fold training AUROC);
 - **detector**: the same two rules for a second view, the mean over the request's own tokens
-  (:mod:`safeguard.steering.detector`), then the best of ``"last"``, ``"prompt"`` and ``"both"`` (the
-  two views' standardised scores summed) by validation plus out-of-fold AUROC (:func:`calibrate_detectors`),
-  unless fixed by the caller (``read_vectors(..., detector=...)``);
+  (:mod:`safeguard.steering.detector`), and for a third, the requests' sentence embeddings
+  (:mod:`safeguard.steering.encoder`), then the best of ``"last"``, ``"prompt"``, ``"both"`` (the two
+  residual-stream views' standardised scores summed) and ``"both+encoder"`` (all three) by validation plus
+  out-of-fold AUROC (:func:`calibrate_detectors`), unless fixed by the caller (``read_vectors(..., detector=...)``);
 - **threshold**: on out-of-fold training scores (5 folds, harmless prompts with scary words
   included) plus validation scores, the cut that maximises ``TPR - fp_weight * FPR``
   (``fp_weight = 1.5``: over-refusal costs more). Out-of-fold scores matter: a direction scores
