@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from detector_common import write_result
-from detector_tokenmax_experiment import LAYERS, SHIPPED, all_scores, cached, detector, sets
+from detector_tokenmax_experiment import LAYERS, SHIPPED, all_scores, cached, candidate, detector, print_runs, sets
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_encoder.json"
@@ -74,15 +74,8 @@ def main() -> None:
         name: {"views": [views[p][1] for p in pools]} | detector([views[p][0] for p in pools])
         for name, pools in combos.items()
     }
-    cand = max(runs, key=lambda k: (round(runs[k]["loco_tpr@5"], 6), -len(runs[k]["views"])))
-    base, c = runs["v10"], runs[cand]
-    promising = cand != "v10" and c["loco_tpr@5"] >= base["loco_tpr@5"] + 0.03 and c["tpr@5"] >= base["tpr@5"] - 0.01
-    print(f"{'detector':16s}{'views':>28s}{'val':>7s}{'oof':>7s}{'t@3':>7s}{'t@5':>7s}{'t@8':>7s}"
-          f"{'loco':>7s}{'l@3':>7s}{'l@5':>7s}{'l@8':>7s}")  # fmt: skip
-    for name, r in runs.items():
-        print(f"{name:16s}{','.join(r['views']):>28s}{r['val_auroc']:7.3f}{r['oof_auroc']:7.3f}{r['tpr@3']:7.3f}"
-              f"{r['tpr@5']:7.3f}{r['tpr@8']:7.3f}{r['loco_auroc']:7.3f}{r['loco_tpr@3']:7.3f}"
-              f"{r['loco_tpr@5']:7.3f}{r['loco_tpr@8']:7.3f}")  # fmt: skip
+    cand, promising = candidate(runs, margin=0.03)
+    print_runs(runs)
     print(f"\ncandidate (highest loco_tpr@5): {cand}; promising by the rule: {promising}")
     write_result(
         {

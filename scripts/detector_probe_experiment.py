@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 from detector_common import write_result
-from detector_tokenmax_experiment import LAYERS, SHIPPED, all_scores, cached, detector, sets
+from detector_tokenmax_experiment import LAYERS, SHIPPED, all_scores, cached, candidate, detector, print_runs, sets
 from safetensors.torch import load_file, save_file
 
 from safeguard.adapters import CausalLMAdapter
@@ -141,15 +141,8 @@ def main() -> None:
     pos = torch.cat([jl["train_harmful"], jl["extra_harmful"], jl["val_harmful"]])
     neg = torch.cat([jl[k] for k in ("train_harmless", "extra_harmless", "scary_train", "scary_extra", "val_harmless")])
     judge_logit = {"auroc": auroc(pos, neg), "roc": roc_points(pos, neg)}
-    cand = max(runs, key=lambda k: (round(runs[k]["loco_tpr@5"], 6), -len(runs[k]["views"])))
-    base, c = runs["v10"], runs[cand]
-    promising = cand != "v10" and c["loco_tpr@5"] >= base["loco_tpr@5"] + 0.03 and c["tpr@5"] >= base["tpr@5"] - 0.01
-    print(f"{'detector':16s}{'views':>32s}{'val':>7s}{'oof':>7s}{'t@3':>7s}{'t@5':>7s}{'t@8':>7s}"
-          f"{'loco':>7s}{'l@3':>7s}{'l@5':>7s}{'l@8':>7s}")  # fmt: skip
-    for name, r in runs.items():
-        print(f"{name:16s}{','.join(r['views']):>32s}{r['val_auroc']:7.3f}{r['oof_auroc']:7.3f}{r['tpr@3']:7.3f}"
-              f"{r['tpr@5']:7.3f}{r['tpr@8']:7.3f}{r['loco_auroc']:7.3f}{r['loco_tpr@3']:7.3f}"
-              f"{r['loco_tpr@5']:7.3f}{r['loco_tpr@8']:7.3f}")  # fmt: skip
+    cand, promising = candidate(runs, margin=0.03)
+    print_runs(runs)
     print(
         f"judge_logit (no training): AUROC {judge_logit['auroc']:.3f}, TPR within FPR 0.05 {judge_logit['roc'][1]['tpr']:.3f}"
     )

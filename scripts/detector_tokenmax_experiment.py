@@ -229,6 +229,27 @@ def detector(views: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     }
 
 
+def candidate(runs: dict[str, dict], margin: float) -> tuple[str, bool]:
+    """``(candidate, passes)``: the run with the highest ``loco_tpr@5`` (ties: fewer views), and whether it beats
+    ``v10``'s by at least ``margin`` with ``tpr@5`` no more than 0.01 below (the experiments' fixed rule)."""
+    cand = max(runs, key=lambda k: (round(runs[k]["loco_tpr@5"], 6), -len(runs[k]["views"])))
+    base, c = runs["v10"], runs[cand]
+    return cand, cand != "v10" and c["loco_tpr@5"] >= base["loco_tpr@5"] + margin and c["tpr@5"] >= base["tpr@5"] - 0.01
+
+
+def print_runs(runs: dict[str, dict]) -> None:
+    """One line per detector: validation / out-of-fold AUROC, calibration TPR within FPR 0.03 / 0.05 / 0.08, and the
+    same for the leave-one-category-out scores."""
+    w = max(len(",".join(r["views"])) for r in runs.values()) + 2
+    n = max(len(k) for k in runs) + 2
+    print(f"{'detector':{n}s}{'views':>{w}s}{'val':>7s}{'oof':>7s}{'t@3':>7s}{'t@5':>7s}{'t@8':>7s}"
+          f"{'loco':>7s}{'l@3':>7s}{'l@5':>7s}{'l@8':>7s}")  # fmt: skip
+    for name, r in runs.items():
+        print(f"{name:{n}s}{','.join(r['views']):>{w}s}{r['val_auroc']:7.3f}{r['oof_auroc']:7.3f}{r['tpr@3']:7.3f}"
+              f"{r['tpr@5']:7.3f}{r['tpr@8']:7.3f}{r['loco_auroc']:7.3f}{r['loco_tpr@3']:7.3f}"
+              f"{r['loco_tpr@5']:7.3f}{r['loco_tpr@8']:7.3f}")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -264,16 +285,9 @@ def main() -> None:
         name: {"views": [views[p][1] for p in pools]} | detector([views[p][0] for p in pools])
         for name, pools in combos.items()
     }
-    cand = max(runs, key=lambda k: (round(runs[k]["loco_tpr@5"], 6), -len(runs[k]["views"])))
-    base, c = runs["v10"], runs[cand]
-    adopt = cand != "v10" and c["loco_tpr@5"] >= base["loco_tpr@5"] + 0.02 and c["tpr@5"] >= base["tpr@5"] - 0.01
+    cand, adopt = candidate(runs, margin=0.02)
     choice = cand if adopt else "v10"
-    print(f"{'detector':20s}{'views':>26s}{'val':>7s}{'oof':>7s}{'t@3':>7s}{'t@5':>7s}{'t@8':>7s}"
-          f"{'loco':>7s}{'l@3':>7s}{'l@5':>7s}{'l@8':>7s}")  # fmt: skip
-    for name, r in runs.items():
-        print(f"{name:20s}{','.join(r['views']):>26s}{r['val_auroc']:7.3f}{r['oof_auroc']:7.3f}{r['tpr@3']:7.3f}"
-              f"{r['tpr@5']:7.3f}{r['tpr@8']:7.3f}{r['loco_auroc']:7.3f}{r['loco_tpr@3']:7.3f}"
-              f"{r['loco_tpr@5']:7.3f}{r['loco_tpr@8']:7.3f}")  # fmt: skip
+    print_runs(runs)
     print(f"\ncandidate (highest loco_tpr@5): {cand}; choice by the rule: {choice}")
     write_result(
         {
