@@ -18,6 +18,12 @@ standardised by their out-of-fold scores and summed).
 more than 0.01 below. A promising candidate would then be built into the guard and measured on a new blind
 held-out set before it could ship.
 
+**Outcome (written after the run).** Promising: ``v10+minilm`` reaches loco_tpr@5 0.797 (v10 0.759) and tpr@5 0.913
+(0.878); the encoder view alone is weaker (0.526 / 0.766), so it helps as a third view, not as a replacement. It was
+then built into the guard (:mod:`safeguard.steering.encoder`, detector ``"both+encoder"``), calibrated as
+READING_VERSION 11 (the calibration reproduces tpr@5 0.913) and measured once on the blind fresh4 set written
+before that calibration: harmful refused 88.8%, matched harmless over-refused 6.2% (see README.md).
+
     OMP_NUM_THREADS=2 python scripts/detector_encoder_experiment.py --states /tmp/tokenmax.safetensors
 
 ``--states`` is ``detector_tokenmax_experiment.py``'s cache of the shipped views' states (read if missing).
