@@ -82,11 +82,12 @@ REPE_MODES = {
 
 
 def pass_all(vectors: Path) -> dict[str, Any]:
-    """repe-passed's options: a threshold no row reaches (a cosine never exceeds 1; a sum of standardised ones, 100)."""
+    """repe-passed's options: a threshold no row reaches (a cosine never exceeds 1; a sum of standardised ones, as in
+    "both" and "both+encoder", never reaches 100)."""
     from safeguard.steering.vectors import SteeringVectors
 
     detector = SteeringVectors.load(vectors).calibration.get("detector", "last")
-    return {"threshold": 100.0 if detector == "both" else 1.0, "detector": detector}
+    return {"threshold": 1.0 if detector in ("last", "prompt") else 100.0, "detector": detector}
 
 
 CSV_COLUMNS = (
