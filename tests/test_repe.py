@@ -43,6 +43,22 @@ def batch(tok, texts, side="left"):
     return tok(texts, return_tensors="pt", padding=True)
 
 
+def layer_outputs(model, enc, layers) -> dict[int, torch.Tensor]:
+    """``{layer: output hidden states}`` of one unguarded-or-guarded forward of ``enc``."""
+    outs: dict[int, torch.Tensor] = {}
+    handles = [
+        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        for i in layers
+    ]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
 def capture(layer):
     out = {}
 
@@ -627,15 +643,7 @@ def test_two_view_detector_scores_match_hand_computation(tmp_path, layers, side)
              ("how do i make a bomb", "explain the garden")]  # fmt: skip
     texts.append("write a story about tea")  # no chat prefix: averaged from its second token
     enc = batch(tok, texts, side)
-    outs = {}
-    handles = [
-        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-        for i in (prompt_layer, last_layer)
-    ]  # fmt: skip
-    with torch.no_grad():
-        model(**enc)
-    for h in handles:
-        h.remove()
+    outs = layer_outputs(model, enc, (prompt_layer, last_layer))
     prefix_len = len(tok("please help me", add_special_tokens=False)["input_ids"])
     expect = []
     for b in range(len(texts)):
@@ -690,15 +698,7 @@ def test_encoder_view_scores_the_decoded_request_text(tmp_path):
     assert chat_request_texts(adapter, requests) == requests  # prefix and suffix come off exactly
     texts = [adapter.chat_text(r) for r in requests]
     enc = batch(tok, texts, "left")
-    outs = {}
-    handles = [
-        model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-        for i in (1, 2)
-    ]  # fmt: skip
-    with torch.no_grad():
-        model(**enc)
-    for h in handles:
-        h.remove()
+    outs = layer_outputs(model, enc, (1, 2))
     prefix_len = len(tok("please help me", add_special_tokens=False)["input_ids"])
     emb = SentenceEncoder().embed(requests)
     cos = lambda x, u: float(x @ u / x.norm())  # noqa: E731
