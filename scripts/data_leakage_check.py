@@ -4,7 +4,7 @@ The extra training files (``harmful_harmless_pairs_extra*.json``, ``harmless_sca
 restate held-out prompts, or the held-out numbers would measure memory. For every training prompt (the
 original training split, both sides of the extra pairs, the extra scary-word prompts, of both extra files) this
 prints the distribution of its highest MiniLM cosine to the prompts of each held-out set (validation; test; the
-fresh, fresh2 and fresh3 sets written later: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+later sets fresh ... fresh5: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
 (0.75, the bar the files were written to). Exit status 1 if any item is above it.
 
     python scripts/data_leakage_check.py [--max 0.75] [--out benchmarks/results/eval/llm_data_leakage.json]

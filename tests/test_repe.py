@@ -539,7 +539,7 @@ def test_second_extra_files_and_fresh2_set_are_separate():
         data.harmful_pairs("fresh2", extra=True)
 
 
-@pytest.mark.parametrize("split,tag", [("fresh3", "-h"), ("fresh4", "-i")])
+@pytest.mark.parametrize("split,tag", [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j")])
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
     from safeguard.core.errors import InvalidOptionError
     from safeguard.steering import data

@@ -17,6 +17,8 @@ Splits are made by code, deterministically, within each category (items sorted b
   40 prompts); only the evaluation reads it.
 - ``"fresh4"``: a fifth, written the same way after fresh3 had measured READING_VERSION 10 and before version 11 was
   calibrated (ids ``-i01``...); only the evaluation reads it.
+- ``"fresh5"``: a sixth, written the same way after fresh4 had measured READING_VERSION 11, its leakage check against
+  every existing project prompt (ids ``-j01``...); only the evaluation reads it.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
 - extra harmless prompts with scary words (``harmless_scary_words_extra.json``, 200, 25 a category): training
   only, never split; ``scary_harmless("train", extra=True)`` appends them to the training split.
@@ -46,7 +48,7 @@ from ..core.errors import InvalidOptionError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
-LATER = ("fresh", "fresh2", "fresh3", "fresh4")  # the held-out sets written after the first, each a whole file
+LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")  # the held-out sets written after the first, each a whole file
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2")  # the training-only files, by the suffix of their names
 
