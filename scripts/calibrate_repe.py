@@ -13,12 +13,13 @@ same inputs (bit-identical behaviour directions and scales, the same search prom
 13 minutes; the shipped READING_VERSION 10 vectors were made so from the version 8 ones
 (``git show 37a48b0:safeguard/models/weights/repe/harmful-mean_diff/<file>`` into a folder).
 
-The ``harmful`` detector (READING_VERSION 11) is chosen by validation + out-of-fold AUROC among ``last``, ``prompt``,
+The ``harmful`` detector (READING_VERSION 12) is chosen by validation + out-of-fold AUROC among ``last``, ``prompt``,
 ``both`` (the two residual-stream views of READING_VERSION 8 and 10) and ``both+encoder`` (the same two plus the
-requests' MiniLM sentence embeddings, added after ``scripts/detector_encoder_experiment.py``), trained with the first
-training-only file (240 pairs and 200 scary-word harmless prompts) at LDA shrinkage 0.3, the choice of
-``scripts/detector_negatives_experiment.py``; the calibration adds the release window (layers 8-14,
-``scripts/release_experiment.py``). ``--no-encoder`` leaves the encoder view out (READING_VERSION 10's detectors). Experiments (``harmful`` only; write them elsewhere with ``--out``, never over
+requests' MiniLM sentence embeddings, added after ``scripts/detector_encoder_experiment.py``), trained with both
+training-only files and the four retired held-out sets less their exclusions (the choice of
+``scripts/detector_retired_experiment.py``; version 11 read the first file only: ``--extra-data extra --extra-scary
+extra``) at LDA shrinkage 0.3, the choice of ``scripts/detector_negatives_experiment.py``; the calibration adds the
+release window (layers 8-14, ``scripts/release_experiment.py``). ``--no-encoder`` leaves the encoder view out. Experiments (``harmful`` only; write them elsewhere with ``--out``, never over
 the shipped folder): ``--extra-data`` / ``--extra-scary`` name the files whose pairs / scary-word prompts to use
 (none: the flag alone), ``--lda-shrinkage`` changes the shrinkage and ``--detector`` fixes the view; the detectors of
 READING_VERSION 9 (``scripts/detector_breadth_experiment.py``'s choice, withdrawn) and 7 are
@@ -42,7 +43,7 @@ from safeguard.adapters import CausalLMAdapter
 from safeguard.concepts import resolve_concepts
 from safeguard.models import smollm2
 from safeguard.steering.build import DETECTOR, EXTRA_DATA, EXTRA_SCARY, LDA_SHRINKAGE, SHIPPED_DIR, read_vectors
-from safeguard.steering.data import EXTRA
+from safeguard.steering.data import EXTRA, RETIRED
 from safeguard.steering.detector import DETECTORS
 from safeguard.steering.vectors import SteeringVectors
 
@@ -60,8 +61,9 @@ def main() -> None:
             flag,
             nargs="*",
             default=list(default),
-            choices=list(EXTRA),
-            help=f"harmful: the training-only files whose {what} the detector also reads (none: the flag alone)",
+            choices=[*EXTRA, *RETIRED],
+            help=f"harmful: the training-only files (and retired held-out sets) whose {what} the detector also reads "
+            "(none: the flag alone)",
         )
     ap.add_argument(
         "--reuse-behaviour",

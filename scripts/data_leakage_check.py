@@ -1,13 +1,15 @@
 """Leakage check of the training-only LLM data: how close is each item to a validation or test prompt?
 
-The extra training files (``harmful_harmless_pairs_extra*.json``, ``harmless_scary_words_extra*.json``) must not
-restate held-out prompts, or the held-out numbers would measure memory. For every training prompt (the
-original training split, both sides of the extra pairs, the extra scary-word prompts, of both extra files) this
-prints the distribution of its highest MiniLM cosine to the prompts of each held-out set (validation; test; the
-later sets fresh ... fresh5: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
-(0.75, the bar the files were written to). Exit status 1 if any item is above it.
+The extra training files (``harmful_harmless_pairs_extra*.json``, ``harmless_scary_words_extra*.json``) and the
+retired held-out sets (``fresh`` ... ``fresh4``, training data since READING_VERSION 12) must not restate held-out
+prompts, or the held-out numbers would measure memory. For every training prompt (the original training split,
+both sides of the extra pairs, the extra scary-word prompts, of both extra files and of the retired sets less their
+exclusions) this prints the distribution of its highest MiniLM cosine to the prompts of each set still held out
+(validation; test; fresh5: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+(0.75, the bar the files were written to). Exit status 1 if any item is above it. ``--write-exclusions`` first
+rewrites ``retired_exclusions.json``: the retired sets' items above ``--max``, which their training use leaves out.
 
-    python scripts/data_leakage_check.py [--max 0.75] [--out benchmarks/results/eval/llm_data_leakage.json]
+    python scripts/data_leakage_check.py [--max 0.75] [--write-exclusions] [--out benchmarks/results/eval/llm_data_leakage.json]
 
 About 20 seconds on 2 CPU cores.
 """
@@ -27,18 +29,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def held_out() -> dict[str, list[str]]:
-    """The validation, test and fresh held-out prompts, by split."""
+    """The validation prompts and those of the sets still held out (test, and the later sets not retired), by split."""
     return {
         split: [t for p in data.harmful_pairs(split) for t in (p["harmful"], p["harmless"])]
         + ([p["prompt"] for p in data.scary_harmless(split)] if split != "val" else [])
-        for split in ("test", "val", *data.LATER)
+        for split in ("test", "val", *(s for s in data.LATER if s not in data.RETIRED))
     }
 
 
+@torch.no_grad()
+def exclusions(threshold: float = 0.75) -> dict[str, list[str]]:
+    """``{retired set: ids}``: its pairs with a side, and its scary-word prompts, above ``threshold`` to a held-out prompt."""
+    from safeguard.steering.encoder import SentenceEncoder
+
+    embed = SentenceEncoder().embed
+    ref = torch.cat([embed(texts) for texts in held_out().values()])
+    out = {}
+    for split in data.RETIRED:
+        pairs, scary = data.harmful_pairs(split), data.scary_harmless(split)
+        near = (embed([t for p in pairs for t in (p["harmful"], p["harmless"])]) @ ref.T).max(1).values > threshold
+        s_near = (embed([p["prompt"] for p in scary]) @ ref.T).max(1).values > threshold
+        out[split] = [p["id"] for i, p in enumerate(pairs) if near[2 * i] or near[2 * i + 1]]
+        out[split] += [p["id"] for i, p in enumerate(scary) if s_near[i]]
+    return out
+
+
 def training_sets() -> dict[str, list[tuple[str, str]]]:
-    """``{name: [(id, prompt)]}``: the training-only files and, as the reference, the original training split."""
+    """``{name: [(id, prompt)]}``: the training-only files (the retired held-out sets less their exclusions) and, as
+    the reference, the original training split."""
     out: dict[str, list[tuple[str, str]]] = {}
-    for which in data.EXTRA:
+    for which in (*data.EXTRA, *data.RETIRED):
         out[f"{which}_pairs"] = [(p["id"], t) for p in data.extra_pairs(which) for t in (p["harmful"], p["harmless"])]
         out[f"{which}_scary"] = [(p["id"], p["prompt"]) for p in data.extra_scary_harmless(which)]
     return out | {
@@ -79,7 +99,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max", type=float, default=0.75, help="highest cosine allowed for a training-only item")
     ap.add_argument("--out", type=Path, help="also write the numbers to this JSON file")
+    ap.add_argument("--write-exclusions", action="store_true",
+                    help=f"first rewrite safeguard/data/llm/{data.EXCLUSIONS}: the retired sets' items above --max")  # fmt: skip
     args = ap.parse_args()
+    if args.write_exclusions:
+        excluded = exclusions(args.max)
+        note = (
+            "Items of the retired held-out sets (fresh ... fresh4) left out of detector training: pairs with a side, "
+            f"and scary-word prompts, above MiniLM cosine {args.max} to a validation or still-held-out prompt "
+            "(test, fresh5). Written by scripts/data_leakage_check.py --write-exclusions."
+        )
+        blob = {"version": 1, "description": note, "threshold": args.max, "excluded": excluded}
+        (data.DATA_DIR / data.EXCLUSIONS).write_text(json.dumps(blob, indent=2) + "\n")
+        print(f"wrote {data.EXCLUSIONS}: " + ", ".join(f"{k} {len(v)}" for k, v in excluded.items()))
     res = leakage(args.max)
     bad = 0
     for k, v in res.items():

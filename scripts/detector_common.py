@@ -38,7 +38,11 @@ POOLS = ("last", "prompt")
 
 
 def prompt_sets(names: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict[str, list[str]]:
-    """``{set name: requests}``; ``names`` keeps only those sets (in this function's order), ``exclude`` drops some."""
+    """``{set name: requests}``; ``names`` keeps only those sets (in this function's order), ``exclude`` drops some.
+
+    Without ``names``: every set but the later held-out ones (``fresh_harmful``... ``scary_fresh4``), which are read
+    only when named.
+    """
     sources = {
         "train_harmful": lambda: [p["harmful"] for p in data.harmful_pairs("train")],
         "train_harmless": lambda: [p["harmless"] for p in data.harmful_pairs("train")],
@@ -55,7 +59,12 @@ def prompt_sets(names: Iterable[str] | None = None, exclude: Iterable[str] = ())
         "test_harmless": lambda: [p["harmless"] for p in data.harmful_pairs("test")],
         "scary_test": lambda: [p["prompt"] for p in data.scary_harmless("test")],
     }
-    keep = set(sources if names is None else names) - set(exclude)
+    default = list(sources)  # the later held-out sets are read only when named
+    for split in data.LATER:  # fresh_harmful, fresh_harmless, scary_fresh, ..., scary_fresh4 (whole files)
+        sources[f"{split}_harmful"] = lambda s=split: [p["harmful"] for p in data.harmful_pairs(s)]
+        sources[f"{split}_harmless"] = lambda s=split: [p["harmless"] for p in data.harmful_pairs(s)]
+        sources[f"scary_{split}"] = lambda s=split: [p["prompt"] for p in data.scary_harmless(s)]
+    keep = set(default if names is None else names) - set(exclude)
     unknown = (keep | set(exclude)) - set(sources)
     if unknown:
         raise KeyError(f"unknown prompt sets {sorted(unknown)}; known: {list(sources)}")

@@ -572,9 +572,41 @@ def test_training_only_data_is_far_from_held_out_prompts():
         [sys.executable, "scripts/data_leakage_check.py"], capture_output=True, text=True, cwd=repo, timeout=300
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    for name, n in (("extra_scary", 200), ("extra_pairs", 480), ("extra2_scary", 132), ("extra2_pairs", 560)):
-        for split in ("test", "val", "fresh", "fresh2", "fresh3", "fresh4"):
+    sizes = [("extra_scary", 200), ("extra_pairs", 480), ("extra2_scary", 132), ("extra2_pairs", 560)]
+    sizes += [("fresh_pairs", 160), ("fresh2_pairs", 136), ("fresh3_pairs", 152), ("fresh4_pairs", 150)]
+    for name, n in sizes:
+        for split in ("test", "val", "fresh5"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
+        assert f"{name}_vs_fresh " not in res.stdout  # a retired set is training data, not a reference
+
+
+def test_retired_sets_serve_as_training_data_less_their_exclusions():
+    from types import SimpleNamespace
+
+    from safeguard.core.errors import InvalidOptionError
+    from safeguard.eval.llm import _trained_on
+    from safeguard.steering import data
+
+    excluded = data.retired_exclusions()
+    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh5"}
+    held = {p[k] for s in ("val", "test", "fresh5") for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
+    held |= {p["prompt"] for s in ("test", "fresh5") for p in data.scary_harmless(s)}
+    for split in data.RETIRED:
+        whole, kept = data.harmful_pairs(split), data.extra_pairs(split)
+        scary, kept_scary = data.scary_harmless(split), data.extra_scary_harmless(split)
+        assert [p for p in whole if p["id"] not in excluded[split]] == kept  # the same items, order kept
+        assert [p for p in scary if p["id"] not in excluded[split]] == kept_scary
+        assert len(whole) - len(kept) + len(scary) - len(kept_scary) == len(excluded[split])
+        texts = {p[k] for p in kept for k in ("harmful", "harmless")} | {p["prompt"] for p in kept_scary}
+        assert not texts & held
+    assert len(data.extra_pairs("fresh2")) < 80  # fresh2 restated some test prompts: those pairs are left out
+    with pytest.raises(InvalidOptionError, match="retired held-out sets"):
+        data.extra_pairs("fresh5")  # still held out
+    vecs = SimpleNamespace(meta={"reading": {"extra_data": ["extra", "fresh2"], "extra_scary": ["fresh3"]}})
+    plan = SimpleNamespace(vecs=vecs, concept=SimpleNamespace(name="harmful"))
+    guard = SimpleNamespace(defenses=[SimpleNamespace(plans=[plan])])
+    assert _trained_on(guard, "fresh2") == ["harmful"] and _trained_on(guard, "fresh3") == ["harmful"]
+    assert _trained_on(guard, "fresh5") == [] and _trained_on(guard, "test") == []
 
 
 def test_refusal_judges():

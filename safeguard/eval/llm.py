@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,17 @@ def decode_throughput(
     }
 
 
+def _trained_on(guard: Any, split: str) -> list[str]:
+    """The concepts whose vectors' detector read ``split`` as training data (a retired held-out set)."""
+    out = []
+    for defense in guard.defenses:
+        for plan in getattr(defense, "plans", ()):
+            reading = plan.vecs.meta.get("reading", {})
+            if split in (*reading.get("extra_data", ()), *reading.get("extra_scary", ())):
+                out.append(plan.concept.name)
+    return out
+
+
 def run_llm_eval(
     model: Any, tok: Any, concept: str, *, method: str | None = "repe", options: dict[str, Any] | None = None,
     max_new_tokens: int = 48, batch_size: int = 16, out_dir: str | Path | None = None, quick: bool = False,
@@ -241,6 +253,15 @@ def run_llm_eval(
     step = 3 if quick else 1
     if concept.lower() == "harmful":
         result["split"] = split
+        trained = _trained_on(safeguard.api.get_guard(model), split)
+        if trained:
+            result["split_is_training_data"] = trained
+            warnings.warn(
+                f"split={split!r} is training data of the guard's detector ({', '.join(trained)}): its numbers are "
+                "not held-out results. Use split='test' or a set still held out "
+                f"({[s for s in data.HELD_OUT if s not in data.RETIRED]}).",
+                stacklevel=2,
+            )
         pairs = data.harmful_pairs(split)
         sets = {
             "harmful": [p["harmful"] for p in pairs][::step],

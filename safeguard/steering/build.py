@@ -46,13 +46,15 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 11
+READING_VERSION = 12
 LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_negatives_experiment.py)
-# the detector's training-only data and view: the first extra file, the view by validation + out-of-fold AUROC
-# (scripts/detector_negatives_experiment.py; the topic-broad extra2 pairs and the request-mean view that
-# scripts/detector_breadth_experiment.py chose, shipped as READING_VERSION 9, did worse: see its docstring)
-EXTRA_DATA = ("extra",)  # files whose pairs the detector reads
-EXTRA_SCARY = ("extra",)  # files whose scary-word harmless prompts it reads
+# the detector's training-only data: both extra files and the four read held-out sets, retired into training data
+# less their items near a still-held-out prompt (data.RETIRED); the choice of scripts/detector_retired_experiment.py
+# (leave-one-set-out over those four sets: mean flagged harmful 0.888 -> 0.912 at pooled harmless 0.046 -> 0.050),
+# READING_VERSION 12. Up to version 11 the detector read the first extra file only (the topic-broad extra2 with the
+# request-mean view, READING_VERSION 9, did worse: scripts/detector_breadth_experiment.py)
+EXTRA_DATA = ("extra", "extra2", *data.RETIRED)  # files whose pairs the detector reads
+EXTRA_SCARY = ("extra", "extra2", *data.RETIRED)  # files whose scary-word harmless prompts it reads
 DETECTOR: str | None = None
 # the sentence-encoder view (all-MiniLM-L6-v2 embeddings of the request) joins the detector's candidates: chosen on
 # calibration data by scripts/detector_encoder_experiment.py (leave-one-category-out TPR within FPR 0.05 0.797,
@@ -97,12 +99,14 @@ def read_vectors(
 
     The last five concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
     (``"extra"``: 240 pairs and 200 scary-word harmless prompts; ``"extra2"``: 280 topic-broad pairs and 132 scary-word
-    prompts; see :func:`~safeguard.steering.data.extra_pairs`) whose pairs, and whose scary-word prompts, join the
+    prompts; the retired held-out sets ``"fresh"``... ``"fresh4"`` less their exclusions; see
+    :func:`~safeguard.steering.data.extra_pairs`) whose pairs, and whose scary-word prompts, join the
     detector directions' training data (their out-of-fold threshold scores included); the behaviour and concept
     directions stay on the original training split. ``detector`` fixes the detector view (``None``: the best by
     validation + out-of-fold AUROC). ``encoder`` adds the sentence-encoder view and with it the ``"both+encoder"``
-    detector (:mod:`safeguard.steering.encoder`). The defaults give the shipped vectors; ``encoder=False`` gives
-    the detectors of READING_VERSION 10; ``extra_data=("extra",), detector=None``
+    detector (:mod:`safeguard.steering.encoder`). The defaults give the shipped vectors (READING_VERSION 12);
+    ``extra_data=extra_scary=("extra",)`` gives those of version 11, adding ``encoder=False`` the detectors of
+    READING_VERSION 10; ``extra_data=("extra",), extra_scary=("extra",), encoder=False, detector=None``
     gives the detector of READING_VERSION 8 and ``extra_data=(), extra_scary=(), lda_shrinkage=0.7, detector=None``
     the one before it. ``reuse_behaviour``: earlier ``harmful`` vectors whose behaviour search (the slow part, about
     25 minutes on 2 cores) is taken over when its inputs are provably the same (:func:`_reusable_behaviour`).

@@ -19,6 +19,10 @@ Splits are made by code, deterministically, within each category (items sorted b
   calibrated (ids ``-i01``...); only the evaluation reads it.
 - ``"fresh5"``: a sixth, written the same way after fresh4 had measured READING_VERSION 11, its leakage check against
   every existing project prompt (ids ``-j01``...); only the evaluation reads it.
+- retired held-out sets (:data:`RETIRED`: fresh ... fresh4, each read by evaluations of earlier versions) are also
+  training data of the detector since READING_VERSION 12: ``extra_pairs("fresh")``... return them less the items
+  above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
+  unchanged and ``harmful_pairs("fresh")``... still return them whole, for re-reading earlier results.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
 - extra harmless prompts with scary words (``harmless_scary_words_extra.json``, 200, 25 a category): training
   only, never split; ``scary_harmless("train", extra=True)`` appends them to the training split.
@@ -48,9 +52,13 @@ from ..core.errors import InvalidOptionError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
-LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")  # the held-out sets written after the first, each a whole file
+# the held-out sets written after the first, each a whole file (fresh ... fresh4 retired into training data: RETIRED)
+LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2")  # the training-only files, by the suffix of their names
+# read held-out sets retired into detector training data (READING_VERSION 12), less their items near a held-out prompt
+RETIRED = ("fresh", "fresh2", "fresh3", "fresh4")
+EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
 @functools.cache
@@ -95,14 +103,26 @@ def harmful_pairs(split: str, extra: bool = False) -> list[dict[str, str]]:
 
 def extra_pairs(which: str = "extra") -> list[dict[str, str]]:
     """Training-only pairs, in category then id order: ``"extra"``, the 240 of ``harmful_harmless_pairs_extra.json``
-    (ids ``<category>-x001``...), or ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...)."""
+    (ids ``<category>-x001``...), ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...), or
+    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh4"``) less its pairs with a side above MiniLM
+    cosine 0.75 to a prompt of a set still held out (:func:`retired_exclusions`)."""
     _check_extra(which)
-    return _whole(f"harmful_harmless_pairs_{which}.json", "pairs")
+    pairs = _whole(f"harmful_harmless_pairs_{which}.json", "pairs")
+    drop = set(retired_exclusions().get(which, ())) if which in RETIRED else set()
+    return [p for p in pairs if p["id"] not in drop]
 
 
 def _check_extra(which: str) -> None:
-    if which not in EXTRA:
-        raise InvalidOptionError(f"extra training set {which!r} is not one of {list(EXTRA)}.")
+    if which not in (*EXTRA, *RETIRED):
+        raise InvalidOptionError(
+            f"extra training set {which!r} is not one of {list(EXTRA)} or the retired held-out sets {list(RETIRED)}."
+        )
+
+
+def retired_exclusions() -> dict[str, list[str]]:
+    """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh5``)."""
+    return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
 def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
@@ -124,10 +144,12 @@ def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
 
 def extra_scary_harmless(which: str = "extra") -> list[dict[str, str]]:
     """Training-only scary-word harmless prompts, in category then id order: ``"extra"``, the 200 of
-    ``harmless_scary_words_extra.json`` (ids ``scary-x001``...), or ``"extra2"``, the 132 of
-    ``harmless_scary_words_extra2.json`` (``scary-y001``...)."""
+    ``harmless_scary_words_extra.json`` (ids ``scary-x001``...), ``"extra2"``, the 132 of
+    ``harmless_scary_words_extra2.json`` (``scary-y001``...), or a retired held-out set less its excluded prompts."""
     _check_extra(which)
-    return _whole(f"harmless_scary_words_{which}.json", "prompts")
+    prompts = _whole(f"harmless_scary_words_{which}.json", "prompts")
+    drop = set(retired_exclusions().get(which, ())) if which in RETIRED else set()
+    return [p for p in prompts if p["id"] not in drop]
 
 
 def refusal_exemplars() -> tuple[list[str], list[str]]:
