@@ -5,7 +5,7 @@ retired held-out sets (``fresh`` ... ``fresh4``, training data since READING_VER
 prompts, or the held-out numbers would measure memory. For every training prompt (the original training split,
 both sides of the extra pairs, the extra scary-word prompts, of both extra files and of the retired sets less their
 exclusions) this prints the distribution of its highest MiniLM cosine to the prompts of each set still held out
-(validation; test; fresh5: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+(validation; test; fresh5; fresh6: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
 (0.75, the bar the files were written to). Exit status 1 if any item is above it. ``--write-exclusions`` first
 rewrites ``retired_exclusions.json``: the retired sets' items above ``--max``, which their training use leaves out.
 
@@ -107,7 +107,7 @@ def main() -> None:
         note = (
             "Items of the retired held-out sets (fresh ... fresh4) left out of detector training: pairs with a side, "
             f"and scary-word prompts, above MiniLM cosine {args.max} to a validation or still-held-out prompt "
-            "(test, fresh5). Written by scripts/data_leakage_check.py --write-exclusions."
+            "(test, fresh5, fresh6). Written by scripts/data_leakage_check.py --write-exclusions."
         )
         blob = {"version": 1, "description": note, "threshold": args.max, "excluded": excluded}
         (data.DATA_DIR / data.EXCLUSIONS).write_text(json.dumps(blob, indent=2) + "\n")

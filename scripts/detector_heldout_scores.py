@@ -1,7 +1,8 @@
 """Where the shipped harmful-request detector's scores fall on every held-out set, and what other thresholds would do.
 
-For each held-out set (``test``, ``fresh``, ``fresh2``, ``fresh3``: harmful requests, matched harmless ones, harmless
-ones with scary words) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
+For each held-out set (``test``, ``fresh`` ... ``fresh5``: harmful requests, matched harmless ones, harmless
+ones with scary words; ``fresh`` ... ``fresh4`` are training data of the detector since READING_VERSION 12 and are
+marked so, without the parity check, since their evaluations were all made with older vectors) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
 on the shipped vectors: its views, each a cosine standardised by the calibration's center and scale, summed) through the chat template, as the guard does during the prefill, and reports:
 
 - AUROC of harmful against all harmless requests, and the shares above the calibrated threshold (flagged); when
@@ -43,6 +44,7 @@ VECTORS = ROOT / "safeguard" / "models" / "weights" / "repe" / "harmful-mean_dif
 EVAL = ROOT / "benchmarks" / "results" / "eval"
 DEFAULT_OUT = EVAL / "repe_detector_heldout"
 KINDS = ("harmful", "harmless", "harmless_scary")
+UNREAD = ("fresh6",)  # kept unread for the next version's one untouched measurement: this script skips it
 
 
 def held_out(split: str) -> dict[str, list[str]]:
@@ -102,8 +104,9 @@ def plot(result: dict, threshold: float, path: Path) -> None:
             ax.hist(r["scores"][k], bins=bins, alpha=0.55, color=colors[k], label=labels[k], density=True)
         ax.axvline(threshold, color="k", lw=1.2, ls="--")
         f = r["flagged"]
+        tag = " (training data)" if r.get("training_data") else ""
         ax.set_title(
-            f"{s}: flagged {100 * f['harmful']:.1f}% harmful,\n{100 * f['harmless']:.1f}% matched / "
+            f"{s}{tag}: flagged {100 * f['harmful']:.1f}% harmful,\n{100 * f['harmless']:.1f}% matched / "
             f"{100 * f['harmless_scary']:.1f}% scary harmless",
             fontsize=9,
         )
@@ -136,7 +139,7 @@ def main() -> None:
     every_view = [v for d in (det, *others.values()) for v in d.views]
     result: dict = {"detector": det.name, "views": [v.to_json() for v in det.views], "threshold": det.threshold}
     result["sets"] = {}
-    for split in data.HELD_OUT:
+    for split in (s for s in data.HELD_OUT if s not in UNREAD):
         cos = {k: view_cosines(adapter, vecs, every_view, ps) for k, ps in held_out(split).items()}
         sc = {k: detector_scores(det, c) for k, c in cos.items()}
         neg = torch.cat([sc["harmless"], sc["harmless_scary"]])
@@ -156,7 +159,8 @@ def main() -> None:
                 "flagged": {k: float((v > d.threshold).float().mean()) for k, v in o.items()},
             }
         ev = EVAL / ("llm_repe_harmful.json" if split == "test" else f"llm_repe_harmful_{split}.json")
-        if ev.exists():
+        row["training_data"] = split in data.RETIRED  # read by the detector's calibration since READING_VERSION 12
+        if ev.exists() and not row["training_data"]:  # a retired set's evaluations are all of older vectors
             fired = json.loads(ev.read_text())["fired"]
             row["eval_fired"] = {k: sum(fired[k]) / len(fired[k]) for k in KINDS}
             row["parity_with_eval"] = all(

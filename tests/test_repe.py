@@ -539,7 +539,7 @@ def test_second_extra_files_and_fresh2_set_are_separate():
         data.harmful_pairs("fresh2", extra=True)
 
 
-@pytest.mark.parametrize("split,tag", [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j")])
+@pytest.mark.parametrize("split,tag", [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j"), ("fresh6", "-k")])
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
     from safeguard.core.errors import InvalidOptionError
     from safeguard.steering import data
@@ -575,7 +575,7 @@ def test_training_only_data_is_far_from_held_out_prompts():
     sizes = [("extra_scary", 200), ("extra_pairs", 480), ("extra2_scary", 132), ("extra2_pairs", 560)]
     sizes += [("fresh_pairs", 160), ("fresh2_pairs", 136), ("fresh3_pairs", 152), ("fresh4_pairs", 150)]
     for name, n in sizes:
-        for split in ("test", "val", "fresh5"):  # the sets still held out
+        for split in ("test", "val", "fresh5", "fresh6"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
         assert f"{name}_vs_fresh " not in res.stdout  # a retired set is training data, not a reference
 
@@ -589,8 +589,9 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
 
     excluded = data.retired_exclusions()
     assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh5"}
-    held = {p[k] for s in ("val", "test", "fresh5") for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
-    held |= {p["prompt"] for s in ("test", "fresh5") for p in data.scary_harmless(s)}
+    still = ("test", "fresh5", "fresh6")
+    held = {p[k] for s in ("val", *still) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
+    held |= {p["prompt"] for s in still for p in data.scary_harmless(s)}
     for split in data.RETIRED:
         whole, kept = data.harmful_pairs(split), data.extra_pairs(split)
         scary, kept_scary = data.scary_harmless(split), data.extra_scary_harmless(split)

@@ -2,7 +2,7 @@
 
 ``python -m safeguard eval --model smollm2 --method repe --concepts harmful`` runs the held-out
 test split of ``safeguard/data/llm`` (never used for reading or calibration; ``--split fresh``,
-``--split fresh2`` ... ``fresh5``: the held-out sets written later) through the model
+``--split fresh2`` ... ``fresh6``: the held-out sets written later) through the model
 unguarded and guarded (greedy, the same prompts in the same batches) and reports:
 
 - **refusal rate** on harmful requests and **over-refusal** on harmless ones (matched harmless
@@ -229,7 +229,7 @@ def run_llm_eval(
     """Evaluate ``method`` for ``concept`` on ``model`` (see the module docstring). Returns the metrics.
 
     ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"`` or one of the later sets ``"fresh"`` ...
-    ``"fresh5"`` (topic concepts always use the held-out templates).
+    ``"fresh6"`` (topic concepts always use the held-out templates).
     """
     from ..core.errors import InvalidOptionError
 
@@ -253,7 +253,13 @@ def run_llm_eval(
     step = 3 if quick else 1
     if concept.lower() == "harmful":
         result["split"] = split
-        trained = _trained_on(safeguard.api.get_guard(model), split)
+        guard = safeguard.api.get_guard(model)
+        result["detectors"] = {  # which detector made the `fired` decisions (scripts/detector_heldout_scores.py)
+            plan.concept.name: {"name": plan.detector.name, "threshold": plan.detector.threshold,
+                                "views": [v.to_json() for v in plan.detector.views]}
+            for d in guard.defenses for plan in getattr(d, "plans", ()) if getattr(plan, "detector", None) is not None
+        }  # fmt: skip
+        trained = _trained_on(guard, split)
         if trained:
             result["split_is_training_data"] = trained
             warnings.warn(

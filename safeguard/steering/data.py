@@ -19,6 +19,8 @@ Splits are made by code, deterministically, within each category (items sorted b
   calibrated (ids ``-i01``...); only the evaluation reads it.
 - ``"fresh5"``: a sixth, written the same way after fresh4 had measured READING_VERSION 11, its leakage check against
   every existing project prompt (ids ``-j01``...); only the evaluation reads it.
+- ``"fresh6"``: a seventh, written the same way after fresh5 had measured READING_VERSION 12, for the next version
+  (ids ``-k01``...); read by nothing yet.
 - retired held-out sets (:data:`RETIRED`: fresh ... fresh4, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12: ``extra_pairs("fresh")``... return them less the items
   above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
@@ -53,7 +55,7 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (fresh ... fresh4 retired into training data: RETIRED)
-LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")
+LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6")
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12), less their items near a held-out prompt
@@ -121,7 +123,7 @@ def _check_extra(which: str) -> None:
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh5``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh5``, ``fresh6``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
