@@ -33,7 +33,7 @@ def held_out() -> dict[str, list[str]]:
     return {
         split: [t for p in data.harmful_pairs(split) for t in (p["harmful"], p["harmless"])]
         + ([p["prompt"] for p in data.scary_harmless(split)] if split != "val" else [])
-        for split in ("test", "val", *(s for s in data.LATER if s not in data.RETIRED))
+        for split in dict.fromkeys(("test", "val", *data.STILL_HELD_OUT))  # test first, as before
     }
 
 

@@ -59,16 +59,16 @@ import time
 from pathlib import Path
 
 import torch
-from detector_common import cached_states, write_result
+from detector_common import cached_states, standardised_sum, write_result
 
 from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores, roc_points
+from safeguard.steering.data import RETIRED  # the read held-out sets
 from safeguard.steering.reading import lda_directions, projections
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_retired.json"
 SHRINKAGE = 0.3
 LAYERS = {"last": 21, "prompt": 18}  # READING_VERSION 11's views
-RETIRED = ("fresh", "fresh2", "fresh3", "fresh4")  # the read held-out sets
 BASE_POS = ["train_harmful", "extra_harmful"]
 BASE_NEG = ["train_harmless", "extra_harmless", "scary_train", "scary_extra"]
 EXTRA2_POS, EXTRA2_NEG = ["extra2_harmful"], ["extra2_harmless", "scary_extra2"]
@@ -108,12 +108,7 @@ def detector(views: list[dict[str, torch.Tensor]], held: str, rule: str = "tpr-1
     ``rule``: ``"tpr-1.5fpr"`` (the shipped rule: the cut maximising ``TPR - 1.5 FPR``) or ``"fpr<=0.05"`` (the cut
     of the highest TPR whose calibration FPR stays within 0.05).
     """
-    tot: dict[str, torch.Tensor] = {}
-    for v in views:
-        both = torch.cat([v["oof_p"], v["oof_n"]])
-        c, sd = both.mean(), both.std().clamp_min(1e-6)
-        for k, s in v.items():
-            tot[k] = tot.get(k, 0) + (s - c) / sd
+    tot = standardised_sum(views)
     cal_p, cal_n = torch.cat([tot["oof_p"], tot["val_harmful"]]), torch.cat([tot["oof_n"], tot["val_harmless"]])
     if rule == "tpr-1.5fpr":
         thr, tpr, fpr = best_threshold(cal_p, cal_n, fp_weight=1.5)

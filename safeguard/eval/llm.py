@@ -210,14 +210,18 @@ def decode_throughput(
     }
 
 
+def _plans(guard: Any) -> list[Any]:
+    """The per-concept steering plans of the guard's ``repe`` defenses."""
+    return [plan for defense in guard.defenses for plan in getattr(defense, "plans", ())]
+
+
 def _trained_on(guard: Any, split: str) -> list[str]:
     """The concepts whose vectors' detector read ``split`` as training data (a retired held-out set)."""
     out = []
-    for defense in guard.defenses:
-        for plan in getattr(defense, "plans", ()):
-            reading = plan.vecs.meta.get("reading", {})
-            if split in (*reading.get("extra_data", ()), *reading.get("extra_scary", ())):
-                out.append(plan.concept.name)
+    for plan in _plans(guard):
+        reading = plan.vecs.meta.get("reading", {})
+        if split in (*reading.get("extra_data", ()), *reading.get("extra_scary", ())):
+            out.append(plan.concept.name)
     return out
 
 
@@ -257,7 +261,7 @@ def run_llm_eval(
         result["detectors"] = {  # which detector made the `fired` decisions (scripts/detector_heldout_scores.py)
             plan.concept.name: {"name": plan.detector.name, "threshold": plan.detector.threshold,
                                 "views": [v.to_json() for v in plan.detector.views]}
-            for d in guard.defenses for plan in getattr(d, "plans", ()) if getattr(plan, "detector", None) is not None
+            for plan in _plans(guard) if getattr(plan, "detector", None) is not None
         }  # fmt: skip
         trained = _trained_on(guard, split)
         if trained:
@@ -265,7 +269,7 @@ def run_llm_eval(
             warnings.warn(
                 f"split={split!r} is training data of the guard's detector ({', '.join(trained)}): its numbers are "
                 "not held-out results. Use split='test' or a set still held out "
-                f"({[s for s in data.HELD_OUT if s not in data.RETIRED]}).",
+                f"({list(data.STILL_HELD_OUT)}).",
                 stacklevel=2,
             )
         pairs = data.harmful_pairs(split)

@@ -60,6 +60,7 @@ HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12), less their items near a held-out prompt
 RETIRED = ("fresh", "fresh2", "fresh3", "fresh4")
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh5, fresh6
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -109,9 +110,7 @@ def extra_pairs(which: str = "extra") -> list[dict[str, str]]:
     a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh4"``) less its pairs with a side above MiniLM
     cosine 0.75 to a prompt of a set still held out (:func:`retired_exclusions`)."""
     _check_extra(which)
-    pairs = _whole(f"harmful_harmless_pairs_{which}.json", "pairs")
-    drop = set(retired_exclusions().get(which, ())) if which in RETIRED else set()
-    return [p for p in pairs if p["id"] not in drop]
+    return _less_exclusions(which, _whole(f"harmful_harmless_pairs_{which}.json", "pairs"))
 
 
 def _check_extra(which: str) -> None:
@@ -119,6 +118,12 @@ def _check_extra(which: str) -> None:
         raise InvalidOptionError(
             f"extra training set {which!r} is not one of {list(EXTRA)} or the retired held-out sets {list(RETIRED)}."
         )
+
+
+def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``items`` of training file ``which`` less those a retired set leaves out (no change for the extra files)."""
+    drop = set(retired_exclusions().get(which, ())) if which in RETIRED else set()
+    return [it for it in items if it["id"] not in drop]
 
 
 def retired_exclusions() -> dict[str, list[str]]:
@@ -149,9 +154,7 @@ def extra_scary_harmless(which: str = "extra") -> list[dict[str, str]]:
     ``harmless_scary_words_extra.json`` (ids ``scary-x001``...), ``"extra2"``, the 132 of
     ``harmless_scary_words_extra2.json`` (``scary-y001``...), or a retired held-out set less its excluded prompts."""
     _check_extra(which)
-    prompts = _whole(f"harmless_scary_words_{which}.json", "prompts")
-    drop = set(retired_exclusions().get(which, ())) if which in RETIRED else set()
-    return [p for p in prompts if p["id"] not in drop]
+    return _less_exclusions(which, _whole(f"harmless_scary_words_{which}.json", "prompts"))
 
 
 def refusal_exemplars() -> tuple[list[str], list[str]]:
