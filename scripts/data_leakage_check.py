@@ -1,11 +1,11 @@
 """Leakage check of the training-only LLM data: how close is each item to a validation or test prompt?
 
 The extra training files (``harmful_harmless_pairs_extra*.json``, ``harmless_scary_words_extra*.json``) and the
-retired held-out sets (``fresh`` ... ``fresh4``, training data since READING_VERSION 12) must not restate held-out
+retired held-out sets (``fresh`` ... ``fresh5``, training data since READING_VERSION 12, fresh5 since 13) must not restate held-out
 prompts, or the held-out numbers would measure memory. For every training prompt (the original training split,
 both sides of the extra pairs, the extra scary-word prompts, of both extra files and of the retired sets less their
 exclusions) this prints the distribution of its highest MiniLM cosine to the prompts of each set still held out
-(validation; test; fresh5; fresh6: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+(validation; test; fresh6: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
 (0.75, the bar the files were written to). Exit status 1 if any item is above it. ``--write-exclusions`` first
 rewrites ``retired_exclusions.json``: the retired sets' items above ``--max``, which their training use leaves out.
 
@@ -105,9 +105,9 @@ def main() -> None:
     if args.write_exclusions:
         excluded = exclusions(args.max)
         note = (
-            "Items of the retired held-out sets (fresh ... fresh4) left out of detector training: pairs with a side, "
-            f"and scary-word prompts, above MiniLM cosine {args.max} to a validation or still-held-out prompt "
-            "(test, fresh5, fresh6). Written by scripts/data_leakage_check.py --write-exclusions."
+            f"Items of the retired held-out sets ({', '.join(data.RETIRED)}) left out of detector training: pairs with "
+            f"a side, and scary-word prompts, above MiniLM cosine {args.max} to a validation or still-held-out prompt "
+            f"({', '.join(data.STILL_HELD_OUT)}). Written by scripts/data_leakage_check.py --write-exclusions."
         )
         blob = {"version": 1, "description": note, "threshold": args.max, "excluded": excluded}
         (data.DATA_DIR / data.EXCLUSIONS).write_text(json.dumps(blob, indent=2) + "\n")

@@ -40,8 +40,8 @@ POOLS = ("last", "prompt")
 def prompt_sets(names: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict[str, list[str]]:
     """``{set name: requests}``; ``names`` keeps only those sets (in this function's order), ``exclude`` drops some.
 
-    Without ``names``: every set but the later held-out ones (``fresh_harmful``... ``scary_fresh4``), which are read
-    only when named.
+    Without ``names``: every set but the later held-out ones (``fresh_harmful``... ``scary_fresh6``) and the third
+    extra file (``extra3_harmful``, ``extra3_harmless``, ``scary_extra3``), which are read only when named.
     """
     sources = {
         "train_harmful": lambda: [p["harmful"] for p in data.harmful_pairs("train")],
@@ -59,7 +59,10 @@ def prompt_sets(names: Iterable[str] | None = None, exclude: Iterable[str] = ())
         "test_harmless": lambda: [p["harmless"] for p in data.harmful_pairs("test")],
         "scary_test": lambda: [p["prompt"] for p in data.scary_harmless("test")],
     }
-    default = list(sources)  # the later held-out sets are read only when named
+    default = list(sources)  # the later held-out sets and extra3 (READING_VERSION 13) are read only when named
+    sources["extra3_harmful"] = lambda: [p["harmful"] for p in data.extra_pairs("extra3")]
+    sources["extra3_harmless"] = lambda: [p["harmless"] for p in data.extra_pairs("extra3")]
+    sources["scary_extra3"] = lambda: [p["prompt"] for p in data.extra_scary_harmless("extra3")]
     for split in data.LATER:  # fresh_harmful, fresh_harmless, scary_fresh, ..., scary_fresh4 (whole files)
         sources[f"{split}_harmful"] = lambda s=split: [p["harmful"] for p in data.harmful_pairs(s)]
         sources[f"{split}_harmless"] = lambda s=split: [p["harmless"] for p in data.harmful_pairs(s)]

@@ -62,7 +62,6 @@ import torch
 from detector_common import cached_states, standardised_sum, write_result
 
 from safeguard.steering.calibrate import auroc, best_threshold, out_of_fold_scores, roc_points
-from safeguard.steering.data import RETIRED  # the read held-out sets
 from safeguard.steering.reading import lda_directions, projections
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +71,8 @@ LAYERS = {"last": 21, "prompt": 18}  # READING_VERSION 11's views
 BASE_POS = ["train_harmful", "extra_harmful"]
 BASE_NEG = ["train_harmless", "extra_harmless", "scary_train", "scary_extra"]
 EXTRA2_POS, EXTRA2_NEG = ["extra2_harmful"], ["extra2_harmless", "scary_extra2"]
+# the four read held-out sets of this experiment (data.RETIRED has grown since: fresh5 joined in READING_VERSION 13)
+RETIRED = ("fresh", "fresh2", "fresh3", "fresh4")
 RULES = {"tpr-1.5fpr": "", "fpr<=0.05": " fpr<=0.05"}  # threshold rules, and the suffix of their runs' names
 
 

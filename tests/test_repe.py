@@ -533,13 +533,36 @@ def test_second_extra_files_and_fresh2_set_are_separate():
     training |= {p["prompt"] for w in data.EXTRA for p in data.extra_scary_harmless(w)}
     training |= {p[k] for p in data.harmful_pairs("train") for k in ("harmful", "harmless")}
     assert not held & training
-    with pytest.raises(InvalidOptionError, match="extra3"):
-        data.extra_pairs("extra3")
+    with pytest.raises(InvalidOptionError, match="extra4"):
+        data.extra_pairs("extra4")
     with pytest.raises(InvalidOptionError):
         data.harmful_pairs("fresh2", extra=True)
 
 
-@pytest.mark.parametrize("split,tag", [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j"), ("fresh6", "-k")])
+def test_third_extra_files_are_training_only_balanced_and_new():
+    from safeguard.steering import data
+
+    pairs, scary = data.extra_pairs("extra3"), data.extra_scary_harmless("extra3")
+    cats = {p["category"] for p in data.harmful_pairs("test")}
+    assert len(pairs) == 317 and all(sum(p["category"] == c for p in pairs) >= 30 for c in cats)
+    assert len(scary) == 117 and len({p["category"] for p in scary}) == 8
+    assert all("-z" in p["id"] for p in pairs) and all(p["id"].startswith("scary-z") for p in scary)
+    assert len({p["id"] for p in pairs + scary}) == len(pairs) + len(scary)
+    mine = [p[k] for p in pairs for k in ("harmful", "harmless")] + [p["prompt"] for p in scary]
+    assert len(set(mine)) == len(mine) and all(p["harmful"] != p["harmless"] for p in pairs)
+    others = {
+        p[k] for s in ("train", "val", *data.HELD_OUT) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")
+    }
+    others |= {p[k] for w in ("extra", "extra2") for p in data.extra_pairs(w) for k in ("harmful", "harmless")}
+    others |= {p["prompt"] for s in ("train", *data.HELD_OUT) for p in data.scary_harmless(s)}
+    others |= {p["prompt"] for w in ("extra", "extra2") for p in data.extra_scary_harmless(w)}
+    assert not set(mine) & others
+    assert "extra3" in data.EXTRA and "extra3" not in data.HELD_OUT
+
+
+@pytest.mark.parametrize(
+    "split,tag", [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j"), ("fresh6", "-k"), ("fresh7", "-l")]
+)
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
     from safeguard.core.errors import InvalidOptionError
     from safeguard.steering import data
@@ -573,11 +596,14 @@ def test_training_only_data_is_far_from_held_out_prompts():
     )
     assert res.returncode == 0, res.stdout + res.stderr
     sizes = [("extra_scary", 200), ("extra_pairs", 480), ("extra2_scary", 132), ("extra2_pairs", 560)]
+    sizes += [("extra3_scary", 117), ("extra3_pairs", 634)]
     sizes += [("fresh_pairs", 160), ("fresh2_pairs", 136), ("fresh3_pairs", 152), ("fresh4_pairs", 150)]
+    sizes += [("fresh5_pairs", 160), ("fresh5_scary", 40)]
     for name, n in sizes:
-        for split in ("test", "val", "fresh5", "fresh6"):  # the sets still held out
+        for split in ("test", "val", "fresh6", "fresh7"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
-        assert f"{name}_vs_fresh " not in res.stdout  # a retired set is training data, not a reference
+        for retired in ("fresh", "fresh5"):  # a retired set is training data, not a reference
+            assert f"{name}_vs_{retired} " not in res.stdout
 
 
 def test_retired_sets_serve_as_training_data_less_their_exclusions():
@@ -588,8 +614,9 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
     from safeguard.steering import data
 
     excluded = data.retired_exclusions()
-    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh5"}
-    still = ("test", "fresh5", "fresh6")
+    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh6"}
+    still = ("test", "fresh6", "fresh7")
+    assert data.STILL_HELD_OUT == still
     held = {p[k] for s in ("val", *still) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
     held |= {p["prompt"] for s in still for p in data.scary_harmless(s)}
     for split in data.RETIRED:
@@ -602,12 +629,12 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
         assert not texts & held
     assert len(data.extra_pairs("fresh2")) < 80  # fresh2 restated some test prompts: those pairs are left out
     with pytest.raises(InvalidOptionError, match="retired held-out sets"):
-        data.extra_pairs("fresh5")  # still held out
+        data.extra_pairs("fresh6")  # still held out
     vecs = SimpleNamespace(meta={"reading": {"extra_data": ["extra", "fresh2"], "extra_scary": ["fresh3"]}})
     plan = SimpleNamespace(vecs=vecs, concept=SimpleNamespace(name="harmful"))
     guard = SimpleNamespace(defenses=[SimpleNamespace(plans=[plan])])
     assert _trained_on(guard, "fresh2") == ["harmful"] and _trained_on(guard, "fresh3") == ["harmful"]
-    assert _trained_on(guard, "fresh5") == [] and _trained_on(guard, "test") == []
+    assert _trained_on(guard, "fresh6") == [] and _trained_on(guard, "test") == []
 
 
 def test_refusal_judges():

@@ -20,9 +20,11 @@ Splits are made by code, deterministically, within each category (items sorted b
 - ``"fresh5"``: a sixth, written the same way after fresh4 had measured READING_VERSION 11, its leakage check against
   every existing project prompt (ids ``-j01``...); only the evaluation reads it.
 - ``"fresh6"``: a seventh, written the same way after fresh5 had measured READING_VERSION 12, for the next version
-  (ids ``-k01``...); read by nothing yet.
-- retired held-out sets (:data:`RETIRED`: fresh ... fresh4, each read by evaluations of earlier versions) are also
-  training data of the detector since READING_VERSION 12: ``extra_pairs("fresh")``... return them less the items
+  (ids ``-k01``...); read by READING_VERSION 13's one untouched measurement only.
+- ``"fresh7"``: an eighth, written while READING_VERSION 13 was calibrated, for the version after it (ids ``-l01``...,
+  selected without reading: the first items per category far from every existing prompt); read by nothing yet.
+- retired held-out sets (:data:`RETIRED`: fresh ... fresh5, each read by evaluations of earlier versions) are also
+  training data of the detector since READING_VERSION 12 (fresh5 since 13): ``extra_pairs("fresh")``... return them less the items
   above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
   unchanged and ``harmful_pairs("fresh")``... still return them whole, for re-reading earlier results.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
@@ -34,6 +36,10 @@ Splits are made by code, deterministically, within each category (items sorted b
 - ``extra_pairs("extra2")`` / ``extra_scary_harmless("extra2")``: a second training-only pair of files written for
   topic breadth (280 pairs, 132 scary-word prompts); none within MiniLM cosine 0.75 of a validation or held-out prompt
   (test, fresh, fresh2).
+- ``extra_pairs("extra3")`` / ``extra_scary_harmless("extra3")``: a third training-only pair of files (READING_VERSION 13)
+  from six writers who opened no project file, each told a different style (casual chat, fiction and role-play
+  framings, workplace framings, implied harm, near-miss harmless with risky words, backstories and non-native
+  phrasing); every item within MiniLM cosine 0.75 of any other project prompt was dropped.
 
 Example:
     >>> from safeguard.steering.data import harmful_pairs
@@ -55,12 +61,13 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (fresh ... fresh4 retired into training data: RETIRED)
-LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6")
+LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7")
 HELD_OUT = ("test", *LATER)
-EXTRA = ("extra", "extra2")  # the training-only files, by the suffix of their names
-# read held-out sets retired into detector training data (READING_VERSION 12), less their items near a held-out prompt
-RETIRED = ("fresh", "fresh2", "fresh3", "fresh4")
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh5, fresh6
+EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
+# read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13), less their items near
+# a held-out prompt
+RETIRED = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh6, fresh7
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -106,7 +113,8 @@ def harmful_pairs(split: str, extra: bool = False) -> list[dict[str, str]]:
 
 def extra_pairs(which: str = "extra") -> list[dict[str, str]]:
     """Training-only pairs, in category then id order: ``"extra"``, the 240 of ``harmful_harmless_pairs_extra.json``
-    (ids ``<category>-x001``...), ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...), or
+    (ids ``<category>-x001``...), ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...),
+    ``"extra3"``, those of ``harmful_harmless_pairs_extra3.json`` (``-z001``...), or
     a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh4"``) less its pairs with a side above MiniLM
     cosine 0.75 to a prompt of a set still held out (:func:`retired_exclusions`)."""
     _check_extra(which)
@@ -128,7 +136,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh5``, ``fresh6``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh6``, ``fresh7``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
@@ -152,7 +160,8 @@ def scary_harmless(split: str, extra: bool = False) -> list[dict[str, str]]:
 def extra_scary_harmless(which: str = "extra") -> list[dict[str, str]]:
     """Training-only scary-word harmless prompts, in category then id order: ``"extra"``, the 200 of
     ``harmless_scary_words_extra.json`` (ids ``scary-x001``...), ``"extra2"``, the 132 of
-    ``harmless_scary_words_extra2.json`` (``scary-y001``...), or a retired held-out set less its excluded prompts."""
+    ``harmless_scary_words_extra2.json`` (``scary-y001``...), ``"extra3"`` (``scary-z001``...), or a retired held-out
+    set less its excluded prompts."""
     _check_extra(which)
     return _less_exclusions(which, _whole(f"harmless_scary_words_{which}.json", "prompts"))
 
