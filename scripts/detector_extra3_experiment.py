@@ -49,14 +49,14 @@ import time
 from pathlib import Path
 
 import torch
-from detector_common import cached_states, write_result
-from detector_retired_experiment import detector, encoder_states, retired_sets, view
+from detector_common import write_result
+from detector_retired_experiment import LAYERS, detector, print_means, retired_sets, view, view_pools
 
 from safeguard.steering import data
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_extra3.json"
-LAYERS = {"last": 27, "prompt": 16}  # READING_VERSION 12's views
+V12_LAYERS = (27, 16)  # READING_VERSION 12's views: last token, request mean
 READ = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")  # the read held-out sets
 BASE_POS = ["train_harmful", "extra_harmful", "extra2_harmful"]
 BASE_NEG = ["train_harmless", "extra_harmless", "scary_train", "scary_extra", "extra2_harmless", "scary_extra2"]
@@ -79,19 +79,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--states", type=Path, help="safetensors file to reuse the read states from (written if missing)")
-    ap.add_argument("--layers", type=int, nargs=2, metavar=("LAST", "PROMPT"), default=(LAYERS["last"], LAYERS["prompt"]),
+    ap.add_argument("--layers", type=int, nargs=2, metavar=("LAST", "PROMPT"), default=V12_LAYERS,
                     help="the layers of the last-token and request-mean views (default: version 12's, 27 16)")  # fmt: skip
     args = ap.parse_args()
-    LAYERS.update(last=args.layers[0], prompt=args.layers[1])
+    LAYERS.update(last=args.layers[0], prompt=args.layers[1])  # the shared views' layers (view_pools reads them)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     t0 = time.perf_counter()
     val = ["val_harmful", "val_harmless"]
     read_names = [k for s in READ for side in retired_sets(s) for k in side]
     names = BASE_POS + BASE_NEG + EXTRA3_POS + EXTRA3_NEG + val + read_names
-    st = cached_states(args.states, names)
-    pools = {p: {k: st[p][k][LAYERS[p] : LAYERS[p] + 1] for k in names} for p in LAYERS}
-    pools["encoder"] = encoder_states(names)
+    pools = view_pools(args.states, names)
     masks = training_masks()
     for pool in pools.values():  # a read set's training copy: its items less its exclusions (name suffix ":train")
         for k in read_names:
@@ -107,13 +105,7 @@ def main() -> None:
             views = [view(pools[p], pos, neg, score) for p in ("last", "prompt", "encoder")]
             runs[arm][held] = detector(views, held)
             logging.info("%s left out, %s: %s", held, arm, {k: round(v, 3) for k, v in runs[arm][held].items()})
-    keys = ("tpr", "fpr_h", "fpr_s", "fpr_pooled", "auroc", "s_tpr@5")
-    means = {a: {k: sum(r[k] for r in runs[a].values()) / len(READ) for k in keys} for a in runs}
-    print(f"{'arm':12s}{'held':8s}" + "".join(f"{k:>11s}" for k in ("thr", *keys)))
-    for a in runs:
-        for held, r in runs[a].items():
-            print(f"{a:12s}{held:8s}{r['threshold']:11.3f}" + "".join(f"{r[k]:11.3f}" for k in keys))
-        print(f"{a:12s}{'mean':8s}{'':11s}" + "".join(f"{means[a][k]:11.3f}" for k in keys))
+    means = print_means(runs, 12)
     b, c = means["v12-data"], means["+extra3"]
     adopt = (
         c["tpr"] >= b["tpr"] + 0.01 - 1e-9

@@ -73,6 +73,7 @@ BASE_NEG = ["train_harmless", "extra_harmless", "scary_train", "scary_extra"]
 EXTRA2_POS, EXTRA2_NEG = ["extra2_harmful"], ["extra2_harmless", "scary_extra2"]
 # the four read held-out sets of this experiment (data.RETIRED has grown since: fresh5 joined in READING_VERSION 13)
 RETIRED = ("fresh", "fresh2", "fresh3", "fresh4")
+KEYS = ("tpr", "fpr_h", "fpr_s", "fpr_pooled", "auroc", "s_tpr@5")  # the metrics averaged over the left-out sets
 RULES = {"tpr-1.5fpr": "", "fpr<=0.05": " fpr<=0.05"}  # threshold rules, and the suffix of their runs' names
 
 
@@ -88,6 +89,26 @@ def encoder_states(names: list[str]) -> dict[str, torch.Tensor]:
 
     enc = SentenceEncoder()
     return {k: enc.embed(v)[None] for k, v in prompt_sets(names).items()}
+
+
+def view_pools(states: Path | None, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{pool: {set: [1, N, d]}}``: the sets' last-token and request-mean states at :data:`LAYERS` (read or loaded
+    from the ``states`` cache) and their MiniLM embeddings (``"encoder"``)."""
+    st = cached_states(states, names)
+    pools = {p: {k: st[p][k][LAYERS[p] : LAYERS[p] + 1] for k in names} for p in LAYERS}
+    pools["encoder"] = encoder_states(names)
+    return pools
+
+
+def print_means(runs: dict[str, dict[str, dict[str, float]]], width: int) -> dict[str, dict[str, float]]:
+    """Print every arm's row per left-out set and its mean over them; return the means of :data:`KEYS`."""
+    means = {a: {k: sum(r[k] for r in runs[a].values()) / len(runs[a]) for k in KEYS} for a in runs}
+    print(f"{'arm':{width}s}{'held':8s}" + "".join(f"{k:>11s}" for k in ("thr", *KEYS)))
+    for a in runs:
+        for held, r in runs[a].items():
+            print(f"{a:{width}s}{held:8s}{r['threshold']:11.3f}" + "".join(f"{r[k]:11.3f}" for k in KEYS))
+        print(f"{a:{width}s}{'mean':8s}{'':11s}" + "".join(f"{means[a][k]:11.3f}" for k in KEYS))
+    return means
 
 
 def view(states: dict[str, torch.Tensor], pos: list[str], neg: list[str], score: list[str]) -> dict[str, torch.Tensor]:
@@ -145,9 +166,7 @@ def main() -> None:
     val = ["val_harmful", "val_harmless"]
     names = BASE_POS + BASE_NEG + EXTRA2_POS + EXTRA2_NEG + val
     names += [k for s in RETIRED for side in retired_sets(s) for k in side]
-    st = cached_states(args.states, names)
-    pools = {p: {k: st[p][k][LAYERS[p] : LAYERS[p] + 1] for k in names} for p in LAYERS}
-    pools["encoder"] = encoder_states(names)
+    pools = view_pools(args.states, names)
     arms = {"v11": ([], []), "retired": ([], []), "retired+extra2": (EXTRA2_POS, EXTRA2_NEG)}
     runs: dict[str, dict[str, dict[str, float]]] = {a + tag: {} for tag in RULES.values() for a in arms}
     for held in RETIRED:
@@ -161,13 +180,7 @@ def main() -> None:
             views = [view(pools[p], pos, neg, score) for p in ("last", "prompt", "encoder")]
             for rule in RULES:
                 runs[arm + RULES[rule]].setdefault(held, detector(views, held, rule))
-    keys = ("tpr", "fpr_h", "fpr_s", "fpr_pooled", "auroc", "s_tpr@5")
-    means = {a: {k: sum(r[k] for r in runs[a].values()) / len(RETIRED) for k in keys} for a in runs}
-    print(f"{'arm':26s}{'held':8s}" + "".join(f"{k:>11s}" for k in ("thr", *keys)))
-    for a in runs:
-        for held, r in runs[a].items():
-            print(f"{a:26s}{held:8s}{r['threshold']:11.3f}" + "".join(f"{r[k]:11.3f}" for k in keys))
-        print(f"{a:26s}{'mean':8s}{'':11s}" + "".join(f"{means[a][k]:11.3f}" for k in keys))
+    means = print_means(runs, 26)
     b, c = means["v11"], means["retired"]
     adopt = c["tpr"] >= b["tpr"] + 0.02 and c["fpr_pooled"] <= b["fpr_pooled"] + 0.01 and c["s_tpr@5"] >= b["s_tpr@5"]
     print(f"\nadopt 'retired' by the rule: {adopt}")
