@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 from detector_common import prompt_sets, write_result
-from detector_extra3_experiment import BASE_NEG, BASE_POS, READ, V12_LAYERS, training_masks
+from detector_extra3_experiment import BASE_NEG, BASE_POS, READ, V12_LAYERS, add_training_copies, left_out_sets
 from detector_retired_experiment import LAYERS, detector, print_means, retired_sets, view, view_pools
 from safetensors.torch import load_file, save_file
 
@@ -114,10 +114,7 @@ def main() -> None:
         args.cache.mkdir(parents=True, exist_ok=True)
     pools = view_pools(args.cache / "request_states.safetensors" if args.cache else None, names)
     drafts, pools["draft_last"], pools["draft_encoder"] = drafts_and_states(names, args.draft_tokens, args.cache)
-    masks = training_masks()
-    for pool in pools.values():  # a read set's training copy: its items less its exclusions (name suffix ":train")
-        for k in read_names:
-            pool[f"{k}:train"] = pool[k][:, masks[k]]
+    add_training_copies(pools, read_names)
     base = ["last", "prompt", "encoder"]
     arms = {
         "v13": base,
@@ -127,10 +124,7 @@ def main() -> None:
     }
     runs: dict[str, dict[str, dict[str, float]]] = {a: {} for a in arms}
     for held in READ:
-        others = [s for s in READ if s != held]
-        score = val + [k for side in retired_sets(held) for k in side]
-        pos = BASE_POS + [f"{k}:train" for s in others for k in retired_sets(s)[0]]
-        neg = BASE_NEG + [f"{k}:train" for s in others for k in retired_sets(s)[1]]
+        score, pos, neg = left_out_sets(held)
         views = {p: view(pools[p], pos, neg, score) for p in {p for v in arms.values() for p in v}}
         for arm, used in arms.items():
             runs[arm][held] = detector([views[p] for p in used], held)

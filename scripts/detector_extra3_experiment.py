@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -75,6 +76,24 @@ def training_masks() -> dict[str, torch.Tensor]:
     return out
 
 
+def add_training_copies(pools: dict[str, dict[str, torch.Tensor]], read_names: list[str]) -> None:
+    """Add each read set's training copy to every pool: its items less its exclusions (name suffix ``":train"``)."""
+    masks = training_masks()
+    for pool in pools.values():
+        for k in read_names:
+            pool[f"{k}:train"] = pool[k][:, masks[k]]
+
+
+def left_out_sets(held: str, xp: Sequence[str] = (), xn: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:
+    """``(score, pos, neg)`` set names with ``held`` left out: validation + ``held`` to score; the base training
+    sets, ``xp`` / ``xn`` and the other read sets' training copies to fit on."""
+    others = [s for s in READ if s != held]
+    score = ["val_harmful", "val_harmless"] + [k for side in retired_sets(held) for k in side]
+    pos = BASE_POS + list(xp) + [f"{k}:train" for s in others for k in retired_sets(s)[0]]
+    neg = BASE_NEG + list(xn) + [f"{k}:train" for s in others for k in retired_sets(s)[1]]
+    return score, pos, neg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -90,18 +109,12 @@ def main() -> None:
     read_names = [k for s in READ for side in retired_sets(s) for k in side]
     names = BASE_POS + BASE_NEG + EXTRA3_POS + EXTRA3_NEG + val + read_names
     pools = view_pools(args.states, names)
-    masks = training_masks()
-    for pool in pools.values():  # a read set's training copy: its items less its exclusions (name suffix ":train")
-        for k in read_names:
-            pool[f"{k}:train"] = pool[k][:, masks[k]]
+    add_training_copies(pools, read_names)
     arms = {"v12-data": ([], []), "+extra3": (EXTRA3_POS, EXTRA3_NEG)}
     runs: dict[str, dict[str, dict[str, float]]] = {a: {} for a in arms}
     for held in READ:
-        others = [s for s in READ if s != held]
-        score = val + [k for side in retired_sets(held) for k in side]
         for arm, (xp, xn) in arms.items():
-            pos = BASE_POS + xp + [f"{k}:train" for s in others for k in retired_sets(s)[0]]
-            neg = BASE_NEG + xn + [f"{k}:train" for s in others for k in retired_sets(s)[1]]
+            score, pos, neg = left_out_sets(held, xp, xn)
             views = [view(pools[p], pos, neg, score) for p in ("last", "prompt", "encoder")]
             runs[arm][held] = detector(views, held)
             logging.info("%s left out, %s: %s", held, arm, {k: round(v, 3) for k, v in runs[arm][held].items()})
