@@ -64,11 +64,12 @@ BASE_NEG = ["train_harmless", "extra_harmless", "scary_train", "scary_extra", "e
 EXTRA3_POS, EXTRA3_NEG = ["extra3_harmful"], ["extra3_harmless", "scary_extra3"]
 
 
-def training_masks() -> dict[str, torch.Tensor]:
-    """``{set name: bool [N]}``: the items of each read set that its training use keeps (less its exclusions)."""
+def training_masks(read: Sequence[str] = READ) -> dict[str, torch.Tensor]:
+    """``{set name: bool [N]}``: the items of each read set that its training use keeps (less its exclusions; a set
+    without an exclusion list keeps every item)."""
     excluded = data.retired_exclusions()
     out = {}
-    for split in READ:
+    for split in read:
         drop = set(excluded.get(split, ()))
         keep_pairs = torch.tensor([p["id"] not in drop for p in data.harmful_pairs(split)])
         out[f"{split}_harmful"] = out[f"{split}_harmless"] = keep_pairs
@@ -76,18 +77,22 @@ def training_masks() -> dict[str, torch.Tensor]:
     return out
 
 
-def add_training_copies(pools: dict[str, dict[str, torch.Tensor]], read_names: list[str]) -> None:
+def add_training_copies(
+    pools: dict[str, dict[str, torch.Tensor]], read_names: list[str], read: Sequence[str] = READ
+) -> None:
     """Add each read set's training copy to every pool: its items less its exclusions (name suffix ``":train"``)."""
-    masks = training_masks()
+    masks = training_masks(read)
     for pool in pools.values():
         for k in read_names:
             pool[f"{k}:train"] = pool[k][:, masks[k]]
 
 
-def left_out_sets(held: str, xp: Sequence[str] = (), xn: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:
-    """``(score, pos, neg)`` set names with ``held`` left out: validation + ``held`` to score; the base training
-    sets, ``xp`` / ``xn`` and the other read sets' training copies to fit on."""
-    others = [s for s in READ if s != held]
+def left_out_sets(
+    held: str, xp: Sequence[str] = (), xn: Sequence[str] = (), read: Sequence[str] = READ
+) -> tuple[list[str], list[str], list[str]]:
+    """``(score, pos, neg)`` set names with ``held`` left out of the read sets ``read``: validation + ``held`` to
+    score; the base training sets, ``xp`` / ``xn`` and the other read sets' training copies to fit on."""
+    others = [s for s in read if s != held]
     score = ["val_harmful", "val_harmless"] + [k for side in retired_sets(held) for k in side]
     pos = BASE_POS + list(xp) + [f"{k}:train" for s in others for k in retired_sets(s)[0]]
     neg = BASE_NEG + list(xn) + [f"{k}:train" for s in others for k in retired_sets(s)[1]]
