@@ -40,7 +40,7 @@ POOLS = ("last", "prompt")
 def prompt_sets(names: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> dict[str, list[str]]:
     """``{set name: requests}``; ``names`` keeps only those sets (in this function's order), ``exclude`` drops some.
 
-    Without ``names``: every set but the later held-out ones (``fresh_harmful``... ``scary_fresh6``) and the third
+    Without ``names``: every set but the later held-out ones (``fresh_harmful``... ``scary_fresh8``) and the third
     extra file (``extra3_harmful``, ``extra3_harmless``, ``scary_extra3``), which are read only when named.
     """
     sources = {

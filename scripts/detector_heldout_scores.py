@@ -1,6 +1,6 @@
 """Where the shipped harmful-request detector's scores fall on every held-out set, and what other thresholds would do.
 
-For each held-out set (``test``, ``fresh`` ... ``fresh6``: harmful requests, matched harmless ones, harmless
+For each held-out set (``test``, ``fresh`` ... ``fresh7``: harmful requests, matched harmless ones, harmless
 ones with scary words; ``fresh`` ... ``fresh5`` are training data of the detector since READING_VERSION 12 or 13 and are
 marked so, without the parity check, since their evaluations were all made with older vectors) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
 on the shipped vectors: its views, each a cosine standardised by the calibration's center and scale, summed) through the chat template, as the guard does during the prefill, and reports:
@@ -44,7 +44,7 @@ VECTORS = ROOT / "safeguard" / "models" / "weights" / "repe" / "harmful-mean_dif
 EVAL = ROOT / "benchmarks" / "results" / "eval"
 DEFAULT_OUT = EVAL / "repe_detector_heldout"
 KINDS = ("harmful", "harmless", "harmless_scary")
-UNREAD = ("fresh7",)  # kept unread for the next version's one untouched measurement: this script skips it
+UNREAD = ("fresh8",)  # kept unread for the next version's one untouched measurement: this script skips it
 
 
 def held_out(split: str) -> dict[str, list[str]]:

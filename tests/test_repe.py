@@ -561,7 +561,8 @@ def test_third_extra_files_are_training_only_balanced_and_new():
 
 
 @pytest.mark.parametrize(
-    "split,tag", [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j"), ("fresh6", "-k"), ("fresh7", "-l")]
+    "split,tag",
+    [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j"), ("fresh6", "-k"), ("fresh7", "-l"), ("fresh8", "-m")],
 )
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
     from safeguard.core.errors import InvalidOptionError
@@ -600,10 +601,32 @@ def test_training_only_data_is_far_from_held_out_prompts():
     sizes += [("fresh_pairs", 160), ("fresh2_pairs", 136), ("fresh3_pairs", 152), ("fresh4_pairs", 150)]
     sizes += [("fresh5_pairs", 160), ("fresh5_scary", 40)]
     for name, n in sizes:
-        for split in ("test", "val", "fresh6", "fresh7"):  # the sets still held out
+        for split in ("test", "val", "fresh6", "fresh7", "fresh8"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
         for retired in ("fresh", "fresh5"):  # a retired set is training data, not a reference
             assert f"{name}_vs_{retired} " not in res.stdout
+
+
+def test_held_out_selection_skips_candidates_near_any_earlier_prompt():
+    """scripts/select_heldout.py: a candidate is kept only if no text is above the bar to a reference or kept item."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "select_heldout.py"
+    spec = importlib.util.spec_from_file_location("select_heldout", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    basis = {"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0], "ab": [0.8, 0.6, 0.0]}
+
+    def embed(texts):
+        return torch.tensor([basis[t] for t in texts])
+
+    sel = mod.Selector(embed, ["a"], threshold=0.75)
+    assert not sel.offer(["b", "ab"])  # "ab" is at cosine 0.8 to the reference "a"
+    assert sel.offer(["b", "c"]) and sel.highest_kept == 0.0
+    assert not sel.offer(["b"])  # now "b" is a kept item: a duplicate of it is skipped
+    assert sel.skipped == 2 and sel.ref.shape == (3, 3)
+    assert len(mod.project_prompts()) >= 4000  # every pair side and scary-word prompt of every file
 
 
 def test_retired_sets_serve_as_training_data_less_their_exclusions():
@@ -615,7 +638,7 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
 
     excluded = data.retired_exclusions()
     assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh6"}
-    still = ("test", "fresh6", "fresh7")
+    still = ("test", "fresh6", "fresh7", "fresh8")
     assert data.STILL_HELD_OUT == still
     held = {p[k] for s in ("val", *still) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
     held |= {p["prompt"] for s in still for p in data.scary_harmless(s)}

@@ -22,7 +22,10 @@ Splits are made by code, deterministically, within each category (items sorted b
 - ``"fresh6"``: a seventh, written the same way after fresh5 had measured READING_VERSION 12, for the next version
   (ids ``-k01``...); read by READING_VERSION 13's one untouched measurement only.
 - ``"fresh7"``: an eighth, written while READING_VERSION 13 was calibrated, for the version after it (ids ``-l01``...,
-  selected without reading: the first items per category far from every existing prompt); read by nothing yet.
+  selected without reading: the first items per category far from every existing prompt); read by READING_VERSION
+  13 (a second untouched measurement of it, since no later version was built).
+- ``"fresh8"``: a ninth, written after that read for a later version (ids ``-m01``..., selected without reading by
+  ``scripts/select_heldout.py``); read by nothing yet.
 - retired held-out sets (:data:`RETIRED`: fresh ... fresh5, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13): ``extra_pairs("fresh")``... return them less the items
   above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
@@ -61,13 +64,13 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (fresh ... fresh4 retired into training data: RETIRED)
-LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7")
+LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8")
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13), less their items near
 # a held-out prompt
 RETIRED = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh6, fresh7
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh6, fresh7, fresh8
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -136,7 +139,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh6``, ``fresh7``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh6``, ``fresh7``, ``fresh8``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
