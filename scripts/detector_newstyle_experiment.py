@@ -22,6 +22,13 @@ least 0.02 above ``v13-data``'s, its pooled harmless flagged share no more than 
 not lower. Two sets of 200 prompts are a small sample; the rule asks for a clear gain. Nothing here reads test or
 fresh8.
 
+**Outcome (written after the run).** Not adopted. Averaged over fresh6 and fresh7, ``+other-new`` flags 0.831 of the
+harmful requests against 0.825 (the rule asked for +0.02) and 0.125 of the harmless ones against 0.154; AUROC 0.935
+against 0.934 and ``s_tpr@5`` 0.731 against 0.725. Training on one new-style set moves the threshold (fresh6: 0.808 ->
+1.038) but not the ROC curve on the other. The ``v13-data`` row for fresh6 equals the ``v13`` arm of
+``detector_tuned_encoder_experiment.py`` (the same fit); for fresh7 it gives the shipped detector's shares within
+one request (threshold 0.808 here, 0.806 shipped).
+
     OMP_NUM_THREADS=2 python scripts/detector_newstyle_experiment.py [--states /tmp/x3.safetensors]
 
 About 3 minutes on 2 CPU cores (reading the sets' states; ``--states`` keeps them for a rerun).
