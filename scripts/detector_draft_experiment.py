@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from detector_common import prompt_sets, write_result
 from detector_extra3_experiment import BASE_NEG, BASE_POS, READ, V12_LAYERS, add_training_copies, left_out_sets
-from detector_retired_experiment import LAYERS, detector, print_means, retired_sets, view, view_pools
+from detector_retired_experiment import LAYERS, beats, detector, print_means, retired_sets, view, view_pools
 from safetensors.torch import load_file, save_file
 
 from safeguard.adapters import CausalLMAdapter
@@ -131,14 +131,7 @@ def main() -> None:
         logging.info("%s left out: %s", held, {a: round(runs[a][held]["tpr"], 3) for a in arms})
     means = print_means(runs, 16)
     b = means["v13"]
-    ok = [
-        a
-        for a in arms
-        if a != "v13"
-        and means[a]["tpr"] >= b["tpr"] + 0.02 - 1e-9
-        and means[a]["fpr_pooled"] <= b["fpr_pooled"] + 0.005 + 1e-9
-        and means[a]["s_tpr@5"] >= b["s_tpr@5"] - 1e-9
-    ]
+    ok = [a for a in arms if a != "v13" and beats(means[a], b, tpr_gain=0.02)]
     chosen = max(ok, key=lambda a: means[a]["s_tpr@5"]) if ok else None
     print(f"\nworth building by the rule: {chosen}")
     examples = {  # a few drafts of the left-out harmful requests, to read what the view sees

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 from detector_common import write_result
-from detector_retired_experiment import LAYERS, detector, print_means, retired_sets, view, view_pools
+from detector_retired_experiment import LAYERS, beats, detector, print_means, retired_sets, view, view_pools
 
 from safeguard.steering import data
 
@@ -125,11 +125,7 @@ def main() -> None:
             logging.info("%s left out, %s: %s", held, arm, {k: round(v, 3) for k, v in runs[arm][held].items()})
     means = print_means(runs, 12)
     b, c = means["v12-data"], means["+extra3"]
-    adopt = (
-        c["tpr"] >= b["tpr"] + 0.01 - 1e-9
-        and c["fpr_pooled"] <= b["fpr_pooled"] + 0.005 + 1e-9
-        and c["s_tpr@5"] >= b["s_tpr@5"] - 1e-9
-    )
+    adopt = beats(c, b, tpr_gain=0.01)
     print(f"\nadopt '+extra3' by the rule: {adopt}")
     write_result(
         {

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from detector_common import write_result
 from detector_extra3_experiment import BASE_NEG, BASE_POS, READ, V12_LAYERS, add_training_copies, left_out_sets
-from detector_retired_experiment import LAYERS, detector, print_means, retired_sets, view, view_pools
+from detector_retired_experiment import LAYERS, beats, detector, print_means, retired_sets, view, view_pools
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_newstyle.json"
@@ -74,11 +74,7 @@ def main() -> None:
             runs[arm][held] = detector(views, held)
     means = print_means(runs, 12)
     b, c = means["v13-data"], means["+other-new"]
-    adopt = (
-        c["tpr"] >= b["tpr"] + 0.02 - 1e-9
-        and c["fpr_pooled"] <= b["fpr_pooled"] + 0.005 + 1e-9
-        and c["s_tpr@5"] >= b["s_tpr@5"] - 1e-9
-    )
+    adopt = beats(c, b, tpr_gain=0.02)
     print(f"\nadopt '+other-new' by the rule: {adopt}")
     write_result(
         {

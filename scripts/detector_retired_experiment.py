@@ -111,6 +111,16 @@ def print_means(runs: dict[str, dict[str, dict[str, float]]], width: int) -> dic
     return means
 
 
+def beats(c: dict[str, float], b: dict[str, float], tpr_gain: float, fpr_slack: float = 0.005) -> bool:
+    """The later experiments' rule on mean metrics: ``c``'s tpr at least ``tpr_gain`` above ``b``'s, its pooled
+    harmless flagged share at most ``fpr_slack`` above and its ``s_tpr@5`` not lower (1e-9 float tolerance)."""
+    return (
+        c["tpr"] >= b["tpr"] + tpr_gain - 1e-9
+        and c["fpr_pooled"] <= b["fpr_pooled"] + fpr_slack + 1e-9
+        and c["s_tpr@5"] >= b["s_tpr@5"] - 1e-9
+    )
+
+
 def view(states: dict[str, torch.Tensor], pos: list[str], neg: list[str], score: list[str]) -> dict[str, torch.Tensor]:
     """One view fitted on ``pos`` / ``neg`` sets: out-of-fold scores and the scores of the sets ``score``."""
     p = torch.cat([states[k] for k in pos], dim=1)

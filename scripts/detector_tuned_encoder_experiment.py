@@ -64,7 +64,7 @@ from detector_extra3_experiment import (
     left_out_sets,
     training_masks,
 )
-from detector_retired_experiment import LAYERS, detector, print_means, retired_sets, view, view_pools
+from detector_retired_experiment import LAYERS, beats, detector, print_means, retired_sets, view, view_pools
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_tuned_encoder.json"
@@ -202,13 +202,7 @@ def main() -> None:
                      {a: (round(runs[a][held]["tpr"], 3), round(runs[a][held]["fpr_pooled"], 3)) for a in arms})  # fmt: skip
     means = print_means(runs, 19)
     b = means["v13"]
-    ok = [
-        a
-        for a in ("+tuned", "tuned-for-encoder")
-        if means[a]["tpr"] >= b["tpr"] + 0.02 - 1e-9
-        and means[a]["fpr_pooled"] <= b["fpr_pooled"] + 0.005 + 1e-9
-        and means[a]["s_tpr@5"] >= b["s_tpr@5"] - 1e-9
-    ]
+    ok = [a for a in ("+tuned", "tuned-for-encoder") if beats(means[a], b, tpr_gain=0.02)]
     chosen = max(ok, key=lambda a: means[a]["s_tpr@5"]) if ok else None
     print(f"\nworth building by the rule: {chosen}")
     write_result(

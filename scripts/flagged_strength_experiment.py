@@ -68,10 +68,10 @@ def main() -> None:
     refused: dict[str, dict[str, float]] = {}
     for strength in STRENGTHS:
         refused[str(strength)] = {}
-        for kind, requests in rows.items():
-            with _steered(adapter, vecs, concept, mode="add", layers=(LAYER,), strength=strength):
+        with _steered(adapter, vecs, concept, mode="add", layers=(LAYER,), strength=strength):
+            for kind, requests in rows.items():
                 replies = greedy_replies(adapter, [adapter.chat_text(r) for r in requests], TOKENS)
-            refused[str(strength)][kind] = sum(map(is_refusal_phrase, replies)) / len(replies)
+                refused[str(strength)][kind] = sum(map(is_refusal_phrase, replies)) / len(replies)
         print(f"strength {strength}: refused " + ", ".join(f"{k} {v:.3f}" for k, v in refused[str(strength)].items()))
     write_result(
         {
