@@ -31,7 +31,17 @@ or fresh8.
 
     OMP_NUM_THREADS=2 python scripts/detector_family_experiment.py [--states /tmp/family.safetensors]
 
-Reading the states takes about 5 minutes on 2 CPU cores (``--states`` keeps them for a rerun).
+**Outcome (written after the run).** ``mlp`` passes and is adopted (``logreg`` passes too, with a lower mean
+``tpr``); ``lda-multi`` does not. Means over the seven left-out sets, ``lda-sum`` -> ``mlp``: harmful flagged 0.877
+-> 0.934, matched harmless 0.068 -> 0.054, scary-word harmless 0.046 -> 0.011, pooled 0.061 -> 0.039, AUROC 0.969 ->
+0.987, ``s_tpr@5`` 0.879 -> 0.936; over fresh6 and fresh7 alone: harmful 0.831 -> 0.887, pooled harmless 0.125 ->
+0.071, AUROC 0.935 -> 0.971. ``logreg``: 0.911 / 0.057 / 0.978 (fresh6 + fresh7: 0.856 / 0.088 / 0.956); ``lda-multi``
+0.861 / 0.060 / 0.969. READING_VERSION 14 is the ``mlp`` detector trained on all seven sets (their training copies
+less the exclusions against test and fresh8). The run used an in-script copy of the head's training that
+:func:`safeguard.steering.head.train_mlp_head` now replaces (same construction and seeds; scores equal within 1e-6
+on a random check).
+
+Reading the states takes about 25 minutes, and each left-out set about 10 (most of it the MLP and logistic fits) on 2 CPU cores (``--states`` keeps the states for a rerun).
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from detector_extra3_experiment import BASE_NEG, BASE_POS, READ, add_training_co
 from detector_retired_experiment import KEYS, beats, detector, encoder_states, print_means, retired_sets, view
 
 from safeguard.steering.calibrate import auroc
+from safeguard.steering.head import train_mlp_head
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_family.json"
@@ -137,29 +148,8 @@ def logreg(p: torch.Tensor, n: torch.Tensor) -> Callable[[torch.Tensor], torch.T
 
 
 def mlp(p: torch.Tensor, n: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Mean logit of three one-hidden-layer networks (seeds 0, 1, 2)."""
-    std = standardiser(torch.cat([p, n]))
-    x, y, w = weighted_targets(std(p), std(n))
-    nets = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        net = torch.nn.Sequential(
-            torch.nn.Dropout(0.3), torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)
-        )
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
-        for _ in range(300):
-            opt.zero_grad()
-            loss = (w * F.binary_cross_entropy_with_logits(net(x)[:, 0], y, reduction="none")).sum()
-            loss.backward()
-            opt.step()
-        nets.append(net.eval())
-
-    @torch.no_grad()
-    def score(z: torch.Tensor) -> torch.Tensor:
-        zz = std(z)
-        return torch.stack([net(zz)[:, 0] for net in nets]).mean(0)
-
-    return score
+    """Mean logit of three one-hidden-layer networks (seeds 0, 1, 2): :func:`safeguard.steering.head.train_mlp_head`."""
+    return train_mlp_head(p, n)
 
 
 def family_view(
