@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument(
         "--no-encoder", action="store_true", help="harmful: leave out the sentence-encoder view (READING_VERSION 10)"
     )
+    ap.add_argument(
+        "--no-head", action="store_true", help="harmful: leave out the learned head (the 'mlp' detector, version 14)"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -96,6 +99,7 @@ def main() -> None:
             reuse_behaviour=SteeringVectors.load(args.reuse_behaviour) if args.reuse_behaviour else None,
             lda_shrinkage=args.lda_shrinkage,
             encoder=not args.no_encoder,
+            head=not args.no_head,
         )
         vecs.meta["reading_seconds"] = round(time.perf_counter() - t0, 1)
         folder = vecs.save(Path(args.out) / f"{concept.name}-{args.method}")

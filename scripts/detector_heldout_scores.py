@@ -3,7 +3,8 @@
 For each held-out set (``test``, ``fresh`` ... ``fresh7``: harmful requests, matched harmless ones, harmless
 ones with scary words; ``fresh`` ... ``fresh5`` are training data of the detector since READING_VERSION 12 or 13 and are
 marked so, without the parity check, since their evaluations were all made with older vectors) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
-on the shipped vectors: its views, each a cosine standardised by the calibration's center and scale, summed) through the chat template, as the guard does during the prefill, and reports:
+on the shipped vectors: its views, each a cosine standardised by the calibration's center and scale, summed, or for
+the ``"mlp"`` detector the learned head's logit of the views' states; :func:`~safeguard.steering.detector.view_scores`) through the chat template, as the guard does during the prefill, and reports:
 
 - AUROC of harmful against all harmless requests, and the shares above the calibrated threshold (flagged); when
   ``benchmarks/results/eval/llm_repe_harmful[_<set>].json`` exists, a parity check that these shares equal the
@@ -34,7 +35,7 @@ from detector_common import write_result
 from safeguard.adapters import CausalLMAdapter
 from safeguard.steering import data
 from safeguard.steering.calibrate import auroc
-from safeguard.steering.detector import resolve_detector
+from safeguard.steering.detector import resolve_detector, view_scores
 from safeguard.steering.encoder import SentenceEncoder, chat_request_texts
 from safeguard.steering.reading import collect_states
 from safeguard.steering.vectors import SteeringVectors
@@ -57,10 +58,8 @@ def held_out(split: str) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def view_cosines(
-    adapter: CausalLMAdapter, vecs: SteeringVectors, views, prompts: list[str]
-) -> dict[tuple, torch.Tensor]:
-    """``{(set, layer, pool): [N] cosines}`` of raw requests (chat template applied) for every view in ``views``."""
+def view_states(adapter: CausalLMAdapter, views, prompts: list[str]) -> dict[tuple, torch.Tensor]:
+    """``{(set, layer, pool): [N, d] pooled states}`` of raw requests (chat template applied) for every view."""
     texts = [adapter.chat_text(p) for p in prompts]
     _, layers = adapter.decoder_layers()
     states: dict[str, torch.Tensor] = {}  # per pooling, every layer (one forward each)
@@ -70,20 +69,18 @@ def view_cosines(
         if key in out:
             continue
         if v.pool == "encoder":  # the request text as the guard decodes it, embedded
-            x = SentenceEncoder().embed(chat_request_texts(adapter, prompts))
-        else:
-            if v.pool not in states:
-                kw = {"position": "prompt", "prefix_ids": adapter.chat_prefix_ids()} if v.pool == "prompt" else {}
-                states[v.pool] = collect_states(adapter.model, adapter.tokenizer, texts, layers, **kw)[0]
-            x = states[v.pool][v.layer]
-        unit = vecs.directions[v.set][v.layer]
-        out[key] = x @ unit / x.norm(dim=-1).clamp_min(1e-12)
+            out[key] = SentenceEncoder().embed(chat_request_texts(adapter, prompts))
+            continue
+        if v.pool not in states:
+            kw = {"position": "prompt", "prefix_ids": adapter.chat_prefix_ids()} if v.pool == "prompt" else {}
+            states[v.pool] = collect_states(adapter.model, adapter.tokenizer, texts, layers, **kw)[0]
+        out[key] = states[v.pool][v.layer]
     return out
 
 
-def detector_scores(det, cosines: dict[tuple, torch.Tensor]) -> torch.Tensor:
-    """``[N]`` scores of ``det``: its views' cosines standardised and summed, as the guard does."""
-    return sum((cosines[(v.set, v.layer, v.pool)] - v.center) / v.scale for v in det.views)  # type: ignore[return-value]
+def detector_scores(det, vecs: SteeringVectors, states: dict[tuple, torch.Tensor]) -> torch.Tensor:
+    """``[N]`` scores of ``det`` as the guard computes them (:func:`safeguard.steering.detector.view_scores`)."""
+    return view_scores([states[(v.set, v.layer, v.pool)] for v in det.views], det.units(vecs), det)
 
 
 def plot(result: dict, threshold: float, path: Path) -> None:
@@ -110,7 +107,9 @@ def plot(result: dict, threshold: float, path: Path) -> None:
             f"{100 * f['harmless_scary']:.1f}% scary harmless",
             fontsize=9,
         )
-        ax.set_xlabel("detector score (sum of standardised cosines)")
+        ax.set_xlabel(
+            "detector score" + (" (head logit)" if result["detector"] == "mlp" else " (sum of standardised cosines)")
+        )
     axes[0].set_ylabel("density")
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(
@@ -140,8 +139,8 @@ def main() -> None:
     result: dict = {"detector": det.name, "views": [v.to_json() for v in det.views], "threshold": det.threshold}
     result["sets"] = {}
     for split in (s for s in data.HELD_OUT if s not in UNREAD):
-        cos = {k: view_cosines(adapter, vecs, every_view, ps) for k, ps in held_out(split).items()}
-        sc = {k: detector_scores(det, c) for k, c in cos.items()}
+        st = {k: view_states(adapter, every_view, ps) for k, ps in held_out(split).items()}
+        sc = {k: detector_scores(det, vecs, c) for k, c in st.items()}
         neg = torch.cat([sc["harmless"], sc["harmless_scary"]])
         row = {
             "auroc": auroc(sc["harmful"], neg),
@@ -153,7 +152,7 @@ def main() -> None:
             "other_detectors_info": {},
         }
         for name, d in others.items():  # the other calibrated detectors at their own thresholds: information only
-            o = {k: detector_scores(d, c) for k, c in cos.items()}
+            o = {k: detector_scores(d, vecs, c) for k, c in st.items()}
             row["other_detectors_info"][name] = {
                 "auroc": auroc(o["harmful"], torch.cat([o["harmless"], o["harmless_scary"]])),
                 "flagged": {k: float((v > d.threshold).float().mean()) for k, v in o.items()},

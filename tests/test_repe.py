@@ -599,11 +599,11 @@ def test_training_only_data_is_far_from_held_out_prompts():
     sizes = [("extra_scary", 200), ("extra_pairs", 480), ("extra2_scary", 132), ("extra2_pairs", 560)]
     sizes += [("extra3_scary", 117), ("extra3_pairs", 634)]
     sizes += [("fresh_pairs", 160), ("fresh2_pairs", 136), ("fresh3_pairs", 152), ("fresh4_pairs", 150)]
-    sizes += [("fresh5_pairs", 160), ("fresh5_scary", 40)]
+    sizes += [("fresh5_pairs", 160), ("fresh5_scary", 40), ("fresh6_pairs", 160), ("fresh7_scary", 40)]
     for name, n in sizes:
-        for split in ("test", "val", "fresh6", "fresh7", "fresh8"):  # the sets still held out
+        for split in ("test", "val", "fresh8"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
-        for retired in ("fresh", "fresh5"):  # a retired set is training data, not a reference
+        for retired in ("fresh", "fresh5", "fresh7"):  # a retired set is training data, not a reference
             assert f"{name}_vs_{retired} " not in res.stdout
 
 
@@ -637,8 +637,8 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
     from safeguard.steering import data
 
     excluded = data.retired_exclusions()
-    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh6"}
-    still = ("test", "fresh6", "fresh7", "fresh8")
+    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh8"}
+    still = ("test", "fresh8")
     assert data.STILL_HELD_OUT == still
     held = {p[k] for s in ("val", *still) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
     held |= {p["prompt"] for s in still for p in data.scary_harmless(s)}
@@ -652,12 +652,12 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
         assert not texts & held
     assert len(data.extra_pairs("fresh2")) < 80  # fresh2 restated some test prompts: those pairs are left out
     with pytest.raises(InvalidOptionError, match="retired held-out sets"):
-        data.extra_pairs("fresh6")  # still held out
+        data.extra_pairs("fresh8")  # still held out
     vecs = SimpleNamespace(meta={"reading": {"extra_data": ["extra", "fresh2"], "extra_scary": ["fresh3"]}})
     plan = SimpleNamespace(vecs=vecs, concept=SimpleNamespace(name="harmful"))
     guard = SimpleNamespace(defenses=[SimpleNamespace(plans=[plan])])
     assert _trained_on(guard, "fresh2") == ["harmful"] and _trained_on(guard, "fresh3") == ["harmful"]
-    assert _trained_on(guard, "fresh6") == [] and _trained_on(guard, "test") == []
+    assert _trained_on(guard, "fresh8") == [] and _trained_on(guard, "test") == []
 
 
 def test_refusal_judges():
@@ -925,15 +925,21 @@ def test_select_behaviour_second_stage_decides_with_both_judges(monkeypatch):
     assert (pair["refusal"], pair["refusal_judge"], pair["score"]) == (1.0, pytest.approx(0.25), pytest.approx(0.625))
 
 
-def test_behaviour_search_is_reused_only_with_identical_inputs():
+def test_behaviour_search_is_reused_only_with_matching_inputs():
     from safeguard.steering.build import _reusable_behaviour
 
     old = random_vectors(4, 32, behaviour_table=[{"layers": [2], "strength": 1.0}], behaviour_search_inputs="abc")
     dirs, scales = old.directions["behaviour"].clone(), old.scales["behaviour"].clone()
-    assert _reusable_behaviour(old, dirs, scales, "abc") == ([2], 1.0, [{"layers": [2], "strength": 1.0}])
+    layers, strength, table, match = _reusable_behaviour(old, dirs, scales, "abc")
+    assert (layers, strength, table) == ([2], 1.0, [{"layers": [2], "strength": 1.0}]) and match["identical"]
     assert _reusable_behaviour(old, dirs, scales, "abd") is None  # other search prompts
+    noise = dirs.clone()
+    noise[0, 0] += 1e-6  # float noise of another build: reused, flagged as not identical
+    noise = noise / noise.norm(dim=-1, keepdim=True)
+    reused = _reusable_behaviour(old, noise, scales * (1 + 1e-7), "abc")
+    assert reused is not None and not reused[3]["identical"] and reused[3]["max_one_minus_cosine"] < 1e-6
     moved = dirs.clone()
-    moved[0, 0] += 1e-6
-    assert _reusable_behaviour(old, moved, scales, "abc") is None  # directions not bit-identical
+    moved[0, 0] += 1e-2  # a real change
+    assert _reusable_behaviour(old, moved / moved.norm(dim=-1, keepdim=True), scales, "abc") is None
     assert _reusable_behaviour(old, dirs, scales * 2, "abc") is None
     assert _reusable_behaviour(None, dirs, scales, "abc") is None

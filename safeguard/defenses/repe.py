@@ -73,9 +73,11 @@ class RepEConfig(DefenseConfig):
         condition_layer: the layer whose last-prompt-token state is scored (``conditional``); given
             without ``detector`` it selects the ``"last"`` detector.
         threshold: score above which a row is steered (``conditional``): a cosine for the one-view
-            detectors, a sum of standardised cosines for ``"both"`` and ``"both+encoder"``.
-        detector: ``"last"``, ``"prompt"``, ``"both"`` or ``"both+encoder"`` (the two views plus the request's
-            MiniLM sentence embedding; see :mod:`safeguard.steering.detector`);
+            detectors, a sum of standardised cosines for ``"both"`` and ``"both+encoder"``, the learned head's
+            logit for ``"mlp"``.
+        detector: ``"last"``, ``"prompt"``, ``"both"``, ``"both+encoder"`` (the two views plus the request's
+            MiniLM sentence embedding) or ``"mlp"`` (a small learned head over the same three views' states, the
+            shipped SmolLM2 choice since READING_VERSION 14); see :mod:`safeguard.steering.detector`;
             default: the calibrated choice.
         release: ``conditional`` only: ablate the behaviour (refusal) direction in the rows the detector passes,
             so that the model does not refuse them by itself; default: on if the vectors carry a calibrated

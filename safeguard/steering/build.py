@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..concepts.concept import Concept
-from ..core.errors import MissingWeightsError
+from ..core.errors import InvalidOptionError, MissingWeightsError
 from . import data
 from .calibrate import (
     best_threshold,
@@ -41,28 +41,35 @@ from .calibrate import (
     select_condition_layer,
 )
 from .encoder import ENCODER_SET
+from .head import head_features, out_of_fold_head_scores, train_mlp_head
 from .reading import collect_states, lda_directions, projections, read_directions
 from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 13
+READING_VERSION = 14
 LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_negatives_experiment.py)
 # the detector's training-only data: both extra files and the four read held-out sets, retired into training data
 # less their items near a still-held-out prompt (data.RETIRED); the choice of scripts/detector_retired_experiment.py
 # (leave-one-set-out over those four sets: mean flagged harmful 0.888 -> 0.912 at pooled harmless 0.046 -> 0.050),
-# READING_VERSION 12; fresh5 joined them in 13, after its one read. Up to version 11 the detector read the first extra
+# READING_VERSION 12; fresh5 joined them in 13, after its one read, fresh6 and fresh7 in 14. Up to version 11 the detector read the first extra
 # file only (the topic-broad extra2 with the request-mean view, READING_VERSION 9, did worse:
 # scripts/detector_breadth_experiment.py). The third extra file (extra3, six new writers) is not read: leave-one-set-out
 # over fresh ... fresh5 (scripts/detector_extra3_experiment.py) lowered the harmless flagged share 0.053 -> 0.037 but
 # also the harmful one 0.930 -> 0.923, short of its rule (+0.01)
 EXTRA_DATA = ("extra", "extra2", *data.RETIRED)  # files whose pairs the detector reads
 EXTRA_SCARY = ("extra", "extra2", *data.RETIRED)  # files whose scary-word harmless prompts it reads
-DETECTOR: str | None = None
+# READING_VERSION 14: the learned head over the three views, the choice of scripts/detector_family_experiment.py
+# (leave-one-set-out over fresh ... fresh7 against version 13's shrunk Fisher sum: mean flagged harmful 0.877 -> 0.934,
+# pooled harmless flagged 0.061 -> 0.039, AUROC 0.969 -> 0.987)
+DETECTOR: str | None = "mlp"
 # the sentence-encoder view (all-MiniLM-L6-v2 embeddings of the request) joins the detector's candidates: chosen on
 # calibration data by scripts/detector_encoder_experiment.py (leave-one-category-out TPR within FPR 0.05 0.797,
 # against 0.759 without it); READING_VERSION 11
 ENCODER_VIEW = True
+# the learned head over the three views (the "mlp" detector, safeguard.steering.head) is trained with them
+HEAD_DETECTOR = True
+HEAD_NAME = "detector_mlp"
 # rows the detector passes get the refusal direction ablated on these layers (scripts/release_experiment.py's window)
 RELEASE_LAYERS = list(range(8, 15))
 
@@ -96,18 +103,22 @@ def read_vectors(
     lda_shrinkage: float = LDA_SHRINKAGE,
     detector: str | None = DETECTOR,
     encoder: bool = ENCODER_VIEW,
+    head: bool = HEAD_DETECTOR,
     reuse_behaviour: SteeringVectors | None = None,
 ) -> SteeringVectors:
     """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``.
 
-    The last five concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
+    The last six concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
     (``"extra"``: 240 pairs and 200 scary-word harmless prompts; ``"extra2"``: 280 topic-broad pairs and 132 scary-word
-    prompts; the retired held-out sets ``"fresh"``... ``"fresh4"`` less their exclusions; see
+    prompts; the retired held-out sets ``"fresh"``... ``"fresh7"`` less their exclusions; see
     :func:`~safeguard.steering.data.extra_pairs`) whose pairs, and whose scary-word prompts, join the
     detector directions' training data (their out-of-fold threshold scores included); the behaviour and concept
     directions stay on the original training split. ``detector`` fixes the detector view (``None``: the best by
     validation + out-of-fold AUROC). ``encoder`` adds the sentence-encoder view and with it the ``"both+encoder"``
-    detector (:mod:`safeguard.steering.encoder`). The defaults give the shipped vectors (READING_VERSION 12);
+    detector (:mod:`safeguard.steering.encoder`); ``head`` trains the learned head over the three views and with it
+    the ``"mlp"`` detector (:mod:`safeguard.steering.head`). The defaults give the shipped vectors (READING_VERSION
+    14); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
+    fresh5, 12);
     ``extra_data=extra_scary=("extra",)`` gives those of version 11, adding ``encoder=False`` the detectors of
     READING_VERSION 10; ``extra_data=("extra",), extra_scary=("extra",), encoder=False, detector=None``
     gives the detector of READING_VERSION 8 and ``extra_data=(), extra_scary=(), lda_shrinkage=0.7, detector=None``
@@ -124,7 +135,7 @@ def read_vectors(
     try:
         if is_refusal_concept(concept):
             options = dict(extra_data=extra_data, extra_scary=extra_scary, shrinkage=lda_shrinkage, detector=detector,
-                           encoder=encoder)  # fmt: skip
+                           encoder=encoder, head=head)  # fmt: skip
             vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed, reuse_behaviour, **options)
         else:
             vecs = _read_topic(adapter, concept, layers, method, meta, progress, seed)
@@ -148,7 +159,13 @@ def _read_refusal(
     shrinkage,
     detector,
     encoder,
+    head,
 ) -> SteeringVectors:
+    if detector == "mlp" and not (encoder and head):
+        raise InvalidOptionError(
+            "detector='mlp' reads the learned head over the encoder view; keep encoder=True and head=True, or "
+            "choose another detector."
+        )
     model, tok, chat = adapter.model, adapter.tokenizer, adapter.chat_text
     train, val = data.harmful_pairs("train"), data.harmful_pairs("val")
     extra_data, extra_scary = tuple(extra_data), tuple(extra_scary)
@@ -250,8 +267,9 @@ def _read_refusal(
     threshold, tpr, fpr = best_threshold(
         torch.cat([oof_pos[layer], sv_pos[layer]]), torch.cat([oof_neg[layer], sv_neg[layer]]), fp_weight=1.5
     )
-    pv_pos = projections(prompt_states([chat(p["harmful"]) for p in val]), p_dirs)
-    pv_neg = projections(prompt_states([chat(p["harmless"]) for p in val]), p_dirs)
+    pvs_pos = prompt_states([chat(p["harmful"]) for p in val])
+    pvs_neg = prompt_states([chat(p["harmless"]) for p in val])
+    pv_pos, pv_neg = projections(pvs_pos, p_dirs), projections(pvs_neg, p_dirs)
     poof_pos, poof_neg = out_of_fold_scores(pp_pos, pp_neg, lambda p, n: lda_directions(p, n, shrinkage))
     p_layer, p_table = select_condition_layer(pv_pos, pv_neg, poof_pos, poof_neg)
     views = {
@@ -262,11 +280,27 @@ def _read_refusal(
     }  # fmt: skip
     if encoded is not None:
         eoof_pos, eoof_neg = out_of_fold_scores(e_pos, e_neg, lambda p, n: lda_directions(p, n, shrinkage))
-        ev_pos = projections(encoded([p["harmful"] for p in val]), e_dirs)
-        ev_neg = projections(encoded([p["harmless"] for p in val]), e_dirs)
+        evs_pos, evs_neg = encoded([p["harmful"] for p in val]), encoded([p["harmless"] for p in val])
+        ev_pos, ev_neg = projections(evs_pos, e_dirs), projections(evs_neg, e_dirs)
         views["encoder"] = dict(set=ENCODER_SET, pool="encoder", layer=0, oof=(eoof_pos[0], eoof_neg[0]),
                                 val=(ev_pos[0], ev_neg[0]))  # fmt: skip
-    detector, detectors = calibrate_detectors(views, choose=detector)
+    head_scores = None
+    if encoded is not None and head:
+        # the learned head over the same three views (their states side by side, not their cosines)
+        h_pos = head_features([d_pos[layer], pp_pos[p_layer], e_pos[0]])
+        h_neg = head_features([all_neg[layer], pp_neg[p_layer], e_neg[0]])
+        hv_pos = head_features([v_pos[layer], pvs_pos[p_layer], evs_pos[0]])
+        hv_neg = head_features([v_neg[layer], pvs_neg[p_layer], evs_neg[0]])
+        logger.info("training the detector head on %d + %d rows (5 folds + the final fit)", len(h_pos), len(h_neg))
+        hoof_pos, hoof_neg = out_of_fold_head_scores(h_pos, h_neg)
+        mlp = train_mlp_head(h_pos, h_neg)
+        vecs.heads[HEAD_NAME] = mlp.tensors()
+        head_scores = {"name": HEAD_NAME, "oof": (hoof_pos, hoof_neg), "val": (mlp(hv_pos), mlp(hv_neg))}
+        vecs.meta["reading"][HEAD_NAME] = (
+            "three one-hidden-layer networks (256 units, seeds 0-2; safeguard.steering.head) on the unit-normalised "
+            "last-token, request-mean and MiniLM states of the condition views' layers, the same prompts"
+        )
+    detector, detectors = calibrate_detectors(views, choose=detector, head=head_scores)
     # stage 1 on the training and validation harmful requests (24 validation prompts alone tie strengths), stage 2
     # on the extra training-only requests, judged by both of the evaluation's judges (the first stage saturates)
     from ..eval.llm import MiniLMRefusalJudge
@@ -276,8 +310,12 @@ def _read_refusal(
     search_inputs = hashlib.sha1(json.dumps([search_prompts, refine]).encode()).hexdigest()
     reused = _reusable_behaviour(reuse_behaviour, b_dirs, b_scales, search_inputs)
     if reused is not None:
-        b_layers, strength, b_table = reused
-        logger.info("behaviour search reused: identical behaviour directions and search prompts")
+        b_layers, strength, b_table, match = reused
+        if not match["identical"]:  # ship the directions the search was run with
+            assert reuse_behaviour is not None
+            vecs.directions["behaviour"] = reuse_behaviour.directions["behaviour"].clone()
+            vecs.scales["behaviour"] = reuse_behaviour.scales["behaviour"].clone()
+        logger.info("behaviour search reused: search prompts identical, directions %s", match)
     else:
         b_layers, strength, b_table = select_behaviour(
             adapter,
@@ -304,6 +342,7 @@ def _read_refusal(
         "behaviour_table": b_table,
         "behaviour_search_inputs": search_inputs,
         "behaviour_search_reused": reused is not None,
+        **({"behaviour_search_match": reused[3]} if reused is not None else {}),
         "release_layers": RELEASE_LAYERS,
     }
     logger.info(
@@ -323,23 +362,42 @@ def _read_refusal(
 
 def _reusable_behaviour(
     old: SteeringVectors | None, b_dirs: torch.Tensor, b_scales: torch.Tensor, search_inputs: str
-) -> tuple[list[int], float, Any] | None:
-    """``(layers, strength, table)`` of an earlier calibration whose behaviour search had exactly these inputs.
+) -> tuple[list[int], float, Any, dict[str, Any]] | None:
+    """``(layers, strength, table, match)`` of an earlier calibration whose behaviour search had these inputs.
 
     The search (greedy replies with the behaviour vector added, no detector involved) is a deterministic function
-    of the model, the behaviour directions and scales and the prompts, so it is reused only if the directions are
-    bit-identical and the prompts hash the same (vectors calibrated before the hash was recorded: the prompts
-    are taken to be the current ones when the directions are identical). Anything else runs the search.
+    of the model, the behaviour directions and scales and the prompts, so it is reused only if the prompts hash the
+    same (vectors calibrated before the hash was recorded: the prompts are taken to be the current ones when the
+    directions match) and the directions and scales match: bit-identical, or within float noise of another
+    torch / transformers build (every layer's cosine above 1 - 1e-6 and every scale within 1e-5 relative), in which
+    case the caller ships the old directions and scales so that the search result describes exactly what ships.
+    ``match`` records which and the largest differences. Anything else runs the search.
     """
     if old is None or "behaviour" not in old.directions:
         return None
     cal = old.calibration
-    same_dirs = torch.equal(old.directions["behaviour"], b_dirs) and torch.equal(old.scales["behaviour"], b_scales)
+    o_dirs, o_scales = old.directions["behaviour"], old.scales["behaviour"]
+    identical = torch.equal(o_dirs, b_dirs) and torch.equal(o_scales, b_scales)
+    cos_gap = (
+        float((1 - (o_dirs.double() * b_dirs.double()).sum(-1)).abs().max()) if o_dirs.shape == b_dirs.shape else 1.0
+    )
+    rel = (
+        float(((o_scales - b_scales).abs() / o_scales.abs().clamp_min(1e-12)).max())
+        if o_scales.shape == b_scales.shape
+        else 1.0
+    )
+    close = cos_gap < 1e-6 and rel < 1e-5
     same_inputs = cal.get("behaviour_search_inputs", search_inputs) == search_inputs
-    if not (same_dirs and same_inputs and "behaviour_table" in cal):
-        logger.warning("behaviour search not reused: the directions or the search prompts differ")
+    if not ((identical or close) and same_inputs and "behaviour_table" in cal):
+        logger.warning(
+            "behaviour search not reused: %s (largest 1 - cosine %.2e, scale difference %.2e relative)",
+            "the search prompts differ" if not same_inputs else "the directions differ",
+            cos_gap,
+            rel,
+        )
         return None
-    return list(cal["layers"]), float(cal["strength"]), cal["behaviour_table"]
+    match = {"identical": identical, "max_one_minus_cosine": cos_gap, "max_scale_rel_diff": rel}
+    return list(cal["layers"]), float(cal["strength"]), cal["behaviour_table"], match
 
 
 def _read_topic(adapter, concept, layers, method, meta, progress, seed) -> SteeringVectors:

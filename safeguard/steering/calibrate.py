@@ -115,7 +115,10 @@ def select_condition_layer(
 
 
 def calibrate_detectors(
-    views: dict[str, dict[str, Any]], fp_weight: float = 1.5, choose: str | None = None
+    views: dict[str, dict[str, Any]],
+    fp_weight: float = 1.5,
+    choose: str | None = None,
+    head: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, dict]]:
     """Thresholds of the ``"last"``, ``"prompt"`` and ``"both"`` detectors (and ``"both+encoder"`` when ``views``
     has an ``"encoder"`` view), and the best one by val + OOF AUROC (or ``choose``, a choice made elsewhere).
@@ -125,11 +128,15 @@ def calibrate_detectors(
     sums the two views' scores standardised by the mean and standard deviation of their out-of-fold scores (both
     classes pooled). Each detector's threshold follows :func:`best_threshold` on its out-of-fold + validation
     scores. Ties in the choice go to the detector with fewer views. Each entry also records ``roc``: the best TPR
-    within a few FPR budgets on the same scores (:func:`roc_points`).
+    within a few FPR budgets on the same scores (:func:`roc_points`). ``head`` (``{"name", "oof": (pos, neg),
+    "val": (pos, neg)}``: a learned head's scores over the ``"last"``, ``"prompt"`` and ``"encoder"`` views, see
+    :mod:`safeguard.steering.head`) adds the ``"mlp"`` detector, its threshold on the head's logit.
     """
 
-    def entry(parts: list[tuple[dict[str, Any], float, float]]) -> dict[str, Any]:
+    def entry(parts: list[tuple[dict[str, Any], float, float]], scored: dict[str, Any] | None = None) -> dict[str, Any]:
         def total(split: str, side: int) -> torch.Tensor:
+            if scored is not None:
+                return scored[split][side]
             return sum((v[split][side] - c) / s for v, c, s in parts)  # type: ignore[return-value]
 
         oof_p, oof_n, val_p, val_n = total("oof", 0), total("oof", 1), total("val", 0), total("val", 1)
@@ -139,6 +146,7 @@ def calibrate_detectors(
                 {"set": v["set"], "layer": int(v["layer"]), "pool": v["pool"], "center": float(c), "scale": float(s)}
                 for v, c, s in parts
             ],
+            **({"head": scored["name"]} if scored is not None else {}),
             "threshold": thr,
             "calibration_tpr": tpr,
             "calibration_fpr": fpr,
@@ -158,6 +166,8 @@ def calibrate_detectors(
     }
     if "encoder" in views:
         table["both+encoder"] = entry([standardised(views[k]) for k in ("last", "prompt", "encoder")])
+    if head is not None:
+        table["mlp"] = entry([(views[k], 0.0, 1.0) for k in ("last", "prompt", "encoder")], head)
     if choose is not None:
         return choose, table
     chosen = max(table, key=lambda k: (table[k]["val_auroc"] + table[k]["oof_auroc"], -len(table[k]["views"])))

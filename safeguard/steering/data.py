@@ -20,15 +20,16 @@ Splits are made by code, deterministically, within each category (items sorted b
 - ``"fresh5"``: a sixth, written the same way after fresh4 had measured READING_VERSION 11, its leakage check against
   every existing project prompt (ids ``-j01``...); only the evaluation reads it.
 - ``"fresh6"``: a seventh, written the same way after fresh5 had measured READING_VERSION 12, for the next version
-  (ids ``-k01``...); read by READING_VERSION 13's one untouched measurement only.
+  (ids ``-k01``...); read by READING_VERSION 13's one untouched measurement (then v12's, as information).
 - ``"fresh7"``: an eighth, written while READING_VERSION 13 was calibrated, for the version after it (ids ``-l01``...,
   selected without reading: the first items per category far from every existing prompt); read by READING_VERSION
-  13 (a second untouched measurement of it, since no later version was built).
+  13 (a second untouched measurement of it, since no later version was built). fresh6 and fresh7 are detector
+  training data since READING_VERSION 14.
 - ``"fresh8"``: a ninth, written after that read for a later version (ids ``-m01``..., selected without reading by
-  ``scripts/select_heldout.py``); read by nothing yet.
-- retired held-out sets (:data:`RETIRED`: fresh ... fresh5, each read by evaluations of earlier versions) are also
-  training data of the detector since READING_VERSION 12 (fresh5 since 13): ``extra_pairs("fresh")``... return them less the items
-  above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
+  ``scripts/select_heldout.py``); read by READING_VERSION 14's one untouched measurement only.
+- retired held-out sets (:data:`RETIRED`: fresh ... fresh7, each read by evaluations of earlier versions) are also
+  training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14):
+  ``extra_pairs("fresh")``... return them less the items above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
   unchanged and ``harmful_pairs("fresh")``... still return them whole, for re-reading earlier results.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
 - extra harmless prompts with scary words (``harmless_scary_words_extra.json``, 200, 25 a category): training
@@ -67,10 +68,11 @@ SPLITS = ("train", "val", "test")
 LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8")
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
-# read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13), less their items near
+# read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
+# 14), less their items near
 # a held-out prompt
-RETIRED = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5")
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh6, fresh7, fresh8
+RETIRED = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7")
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh8
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -118,7 +120,7 @@ def extra_pairs(which: str = "extra") -> list[dict[str, str]]:
     """Training-only pairs, in category then id order: ``"extra"``, the 240 of ``harmful_harmless_pairs_extra.json``
     (ids ``<category>-x001``...), ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...),
     ``"extra3"``, those of ``harmful_harmless_pairs_extra3.json`` (``-z001``...), or
-    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh4"``) less its pairs with a side above MiniLM
+    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh7"``) less its pairs with a side above MiniLM
     cosine 0.75 to a prompt of a set still held out (:func:`retired_exclusions`)."""
     _check_extra(which)
     return _less_exclusions(which, _whole(f"harmful_harmless_pairs_{which}.json", "pairs"))
@@ -139,7 +141,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh6``, ``fresh7``, ``fresh8``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh8``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 

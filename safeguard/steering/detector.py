@@ -14,7 +14,9 @@ A view's score is the cosine of the pooled state with its direction. The calibra
 (:mod:`safeguard.steering.build`) are ``"last"`` and ``"prompt"`` (one view, the raw cosine) and
 ``"both"``: the sum of the two views' cosines, each standardised by the mean and standard deviation
 of its out-of-fold training scores, so neither view dominates by scale; ``"both+encoder"`` adds the
-encoder view to those two the same way. A row is steered when its score exceeds the detector's threshold.
+encoder view to those two the same way. ``"mlp"`` reads the same three views as ``"both+encoder"`` but scores
+their unit-normalised states with a small learned head (:mod:`safeguard.steering.head`) instead of a sum of cosines;
+its threshold is on the head's logit. A row is steered when its score exceeds the detector's threshold.
 
 Example:
     >>> det = resolve_detector(vecs)  # doctest: +SKIP
@@ -32,9 +34,11 @@ from typing import Any
 import torch
 
 from ..core.errors import InvalidOptionError
+from .head import MLPHead, head_features
 
 POOLS = ("last", "prompt", "encoder")
-DETECTORS = ("last", "prompt", "both", "both+encoder")
+DETECTORS = ("last", "prompt", "both", "both+encoder", "mlp")
+SUMMED = ("both", "both+encoder", "mlp")  # thresholds not on a cosine's scale
 
 
 @dataclass(frozen=True)
@@ -53,11 +57,12 @@ class View:
 
 @dataclass(frozen=True)
 class Detector:
-    """A named set of views and the threshold on the sum of their scores."""
+    """A named set of views and the threshold on the sum of their scores (or on ``head``'s logit of them)."""
 
     name: str
     views: tuple[View, ...]
     threshold: float
+    head: MLPHead | None = None
 
     @property
     def layers(self) -> list[int]:
@@ -96,6 +101,9 @@ def pool_states(h: torch.Tensor, pool: str, last_index: torch.Tensor, weights: t
 
 def view_scores(pooled: Sequence[torch.Tensor], units: Sequence[torch.Tensor], det: Detector) -> torch.Tensor:
     """``[B]`` detector scores from each view's pooled states ``[B, d]``."""
+    if det.head is not None:
+        feats = head_features(pooled)
+        return det.head.to(feats.device)(feats)
     total = None
     for x, u, v in zip(pooled, units, det.views):
         cos = (x @ u.to(x.device)) / x.norm(dim=-1).clamp_min(1e-12)
@@ -113,7 +121,7 @@ def resolve_detector(
     ``name=None`` takes the calibrated choice (``calibration["detector"]``; ``"last"`` for vectors calibrated
     before detectors had names). ``condition_layer`` moves the ``"last"`` view to that layer; given without
     ``name`` it selects the ``"last"`` detector. ``threshold`` replaces the detector's threshold (for ``"both"`` and ``"both+encoder"``
-    it is on the standardised scale).
+    it is on the standardised scale, for ``"mlp"`` on the head's logit).
     """
     cal = vecs.calibration
     table = cal.get("detectors") or {}
@@ -127,7 +135,7 @@ def resolve_detector(
                 "drop condition_layer or use detector='last'."
             )
         chosen = "last"
-    summed = chosen in ("both", "both+encoder")  # thresholds on a sum of standardised cosines
+    summed = chosen in SUMMED  # thresholds on a sum of standardised cosines or a logit
     if threshold is not None and not summed and not -1.0 <= threshold <= 1.0:
         raise InvalidOptionError(
             f"threshold={threshold} is outside [-1, 1]: detector {chosen!r} scores a cosine; give a cosine "
@@ -137,7 +145,13 @@ def resolve_detector(
         entry = table.get(chosen, {})
         warnings.warn(
             f"threshold={threshold} applies to the calibrated detector {chosen!r}"
-            + (" (a sum of standardised cosines" if summed else " (a cosine of the request-token mean")
+            + (
+                " (a logit of the learned head"
+                if chosen == "mlp"
+                else " (a sum of standardised cosines"
+                if summed
+                else " (a cosine of the request-token mean"
+            )
             + f"; calibrated threshold {entry.get('threshold', float('nan')):.3f}). Pass detector={chosen!r} to "
             "say so, or detector='last' for a cosine threshold on the last prompt token.",
             stacklevel=4,
@@ -157,5 +171,13 @@ def resolve_detector(
     missing = sorted({v.set for v in views} - set(vecs.directions))
     if missing:
         raise InvalidOptionError(f"detector={chosen!r} needs direction sets {missing}, which these vectors lack.")
+    head = None
+    if entry.get("head"):
+        if entry["head"] not in vecs.heads:
+            raise InvalidOptionError(
+                f"detector={chosen!r} needs the learned head {entry['head']!r}, which these vectors lack; "
+                "recalibrate them with scripts/calibrate_repe.py or use detector='both+encoder'."
+            )
+        head = MLPHead.from_tensors(vecs.heads[entry["head"]])
     thr = threshold if threshold is not None else entry["threshold"]
-    return Detector(chosen, views, float(thr))
+    return Detector(chosen, views, float(thr), head)

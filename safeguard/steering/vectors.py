@@ -40,6 +40,7 @@ class SteeringVectors:
         directions: set name -> ``[num_layers, hidden]`` unit rows (float32, CPU).
         scales: set name -> ``[num_layers]`` mean-difference length along each direction.
         norms: ``[num_layers]`` mean residual-stream norm at each layer output.
+        heads: learned detector heads, name -> their tensors (:class:`~safeguard.steering.head.MLPHead`).
         meta: JSON-able facts: concept, reading method and position, model fingerprint, data
             split sizes, and ``calibration`` (the detectors with their layers and thresholds and the
             chosen one, behaviour layers, strength, and the validation tables they were picked from).
@@ -49,6 +50,7 @@ class SteeringVectors:
     scales: dict[str, torch.Tensor]
     norms: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -83,11 +85,15 @@ class SteeringVectors:
         for name in self.directions:
             tensors[f"{name}.directions"] = self.directions[name].float().contiguous()
             tensors[f"{name}.scales"] = self.scales[name].float().contiguous()
+        for name, params in self.heads.items():
+            for key, t in params.items():
+                tensors[f"head.{name}.{key}"] = t.float().contiguous()
         save_file(tensors, str(folder / TENSORS), metadata={"format": "safeguard-steering", "version": "1"})
         config = {
             "format": "safeguard-steering",
             "version": FORMAT_VERSION,
             "sets": sorted(self.directions),
+            **({"heads": sorted(self.heads)} if self.heads else {}),
             **self.meta,
         }
         (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -112,6 +118,11 @@ class SteeringVectors:
             )
         tensors = load_file(str(folder / TENSORS))
         sets = config.pop("sets")
+        heads: dict[str, dict[str, torch.Tensor]] = {n: {} for n in config.pop("heads", [])}
+        for key, t in tensors.items():
+            if key.startswith("head."):
+                name, param = key[len("head.") :].rsplit(".", 1)
+                heads.setdefault(name, {})[param] = t
         for key in ("format", "version"):
             config.pop(key)
         return cls(
@@ -119,6 +130,7 @@ class SteeringVectors:
             scales={n: tensors[f"{n}.scales"] for n in sets},
             norms=tensors["norms"],
             meta=config,
+            heads=heads,
         )
 
     def export_gguf(
