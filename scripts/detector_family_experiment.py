@@ -59,7 +59,7 @@ from detector_extra3_experiment import BASE_NEG, BASE_POS, READ, add_training_co
 from detector_retired_experiment import KEYS, beats, detector, encoder_states, print_means, retired_sets, view
 
 from safeguard.steering.calibrate import auroc
-from safeguard.steering.head import train_mlp_head
+from safeguard.steering.head import class_weighted_targets, feature_standardisation, out_of_fold, train_mlp_head
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_family.json"
@@ -68,7 +68,7 @@ NEW = ("fresh6", "fresh7")
 SHIPPED_VIEWS = ("last@27", "prompt@16", "encoder")
 MULTI_VIEWS = ("last@21", "last@24", "last@27", "prompt@12", "prompt@16", "prompt@20", "encoder")
 PENALTIES = (1e-3, 1e-2, 1e-1)
-FOLDS = 5
+FOLDS = 5  # the calibration's folds (row index mod 5)
 Scorer = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
 
@@ -93,23 +93,10 @@ def features(pools: dict[str, dict[str, torch.Tensor]], sets: list[str]) -> torc
     return torch.cat(cols, dim=1)
 
 
-def standardiser(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
-    return lambda z: (z - mu) / sd
-
-
-def weighted_targets(p: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows, labels and per-row weights giving each class half the total weight."""
-    x = torch.cat([p, n])
-    y = torch.cat([torch.ones(len(p)), torch.zeros(len(n))])
-    w = torch.cat([torch.full((len(p),), 0.5 / len(p)), torch.full((len(n),), 0.5 / len(n))])
-    return x, y, w
-
-
 def fit_logreg(p: torch.Tensor, n: torch.Tensor, penalty: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    std = standardiser(torch.cat([p, n]))
-    x, y, w = weighted_targets(std(p), std(n))
-    x, y, w = x.double(), y.double(), w.double()
+    mu, sd = feature_standardisation(torch.cat([p, n]))
+    y, w = class_weighted_targets(len(p), len(n))
+    x, y, w = ((torch.cat([p, n]) - mu) / sd).double(), y.double(), w.double()
     coef = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([coef], lr=1.0, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
 
@@ -123,24 +110,14 @@ def fit_logreg(p: torch.Tensor, n: torch.Tensor, penalty: float) -> Callable[[to
 
     opt.step(closure)
     c = coef.detach()
-    return lambda z: (std(z).double() @ c[:-1] + c[-1]).float()
-
-
-def oof(p: torch.Tensor, n: torch.Tensor, fit: Scorer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Out-of-fold scores with the calibration's folds (row index mod 5)."""
-    op, on = torch.zeros(len(p)), torch.zeros(len(n))
-    for f in range(FOLDS):
-        tp, tn = torch.arange(len(p)) % FOLDS == f, torch.arange(len(n)) % FOLDS == f
-        score = fit(p[~tp], n[~tn])
-        op[tp], on[tn] = score(p[tp]), score(n[tn])
-    return op, on
+    return lambda z: (((z - mu) / sd).double() @ c[:-1] + c[-1]).float()
 
 
 def logreg(p: torch.Tensor, n: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """L2 logistic regression, the penalty chosen by out-of-fold AUROC on the training rows."""
     aurocs = {}
     for lam in PENALTIES:
-        op, on = oof(p, n, lambda a, b, lam=lam: fit_logreg(a, b, lam))
+        op, on = out_of_fold(p, n, lambda a, b, lam=lam: fit_logreg(a, b, lam), FOLDS)
         aurocs[lam] = auroc(op, on)
     best = max(PENALTIES, key=lambda lam: aurocs[lam])
     logging.info("logreg penalty %g (out-of-fold AUROC %s)", best, {k: round(v, 4) for k, v in aurocs.items()})
@@ -157,7 +134,7 @@ def family_view(
 ) -> dict[str, torch.Tensor]:
     """A classifier over the concatenated views as one "view": out-of-fold scores and scores of ``score``."""
     p, n = features(pools, pos), features(pools, neg)
-    oof_p, oof_n = oof(p, n, fit)
+    oof_p, oof_n = out_of_fold(p, n, fit, FOLDS)
     f = fit(p, n)
     return {"oof_p": oof_p, "oof_n": oof_n} | {k: f(features(pools, [k])) for k in score}
 

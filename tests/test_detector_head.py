@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_repe import _two_view_vectors, batch, layer_outputs
-from tiny_llms import tiny_llama, tiny_tokenizer
+from test_repe import _encoder_view_setup, _two_view_vectors, batch, layer_outputs
 
 import safeguard
 from safeguard.core.hooks import hook_snapshot
@@ -115,12 +114,7 @@ def test_mlp_detector_scores_match_hand_computation_and_unwrap_restores(tmp_path
     from safeguard.steering.detector import resolve_detector
     from safeguard.steering.encoder import ENCODER_SET, SentenceEncoder
 
-    model, tok = tiny_llama(), tiny_tokenizer()
-    tok.chat_template = "{% for m in messages %}please help me {{ m['content'] }} sure{% endfor %}"
-    vecs, _ = _two_view_vectors(tmp_path / "v", prompt_layer=1, last_layer=2, threshold=0.0)
-    g = torch.Generator().manual_seed(9)
-    e = torch.randn(1, 384, generator=g)
-    vecs.directions[ENCODER_SET], vecs.scales[ENCODER_SET] = e / e.norm(), torch.ones(1)
+    model, tok, vecs = _encoder_view_setup(tmp_path / "v")
     gen = torch.Generator().manual_seed(11)
     head = train_mlp_head(
         torch.randn(20, 32 + 32 + 384, generator=gen) + 0.3, torch.randn(20, 448, generator=gen), **SMALL

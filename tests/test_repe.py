@@ -714,6 +714,20 @@ def _two_view_vectors(folder, *, prompt_layer: int, last_layer: int, threshold: 
     return vecs, str(vecs.save(folder))
 
 
+def _encoder_view_setup(folder):
+    """A tiny Llama whose chat template wraps the request in a fixed prefix and suffix, and two-view vectors with a
+    seeded unit MiniLM direction added (``ENCODER_SET``), for the detectors that read the encoder view."""
+    from safeguard.steering.encoder import ENCODER_SET
+
+    model, tok = tiny_llama(), tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}please help me {{ m['content'] }} sure{% endfor %}"
+    vecs, _ = _two_view_vectors(folder, prompt_layer=1, last_layer=2, threshold=0.0)
+    g = torch.Generator().manual_seed(9)
+    e = torch.randn(1, 384, generator=g)
+    vecs.directions[ENCODER_SET], vecs.scales[ENCODER_SET] = e / e.norm(), torch.ones(1)
+    return model, tok, vecs
+
+
 @pytest.mark.parametrize(  # (prompt view, last view): in-pass and look-ahead decisions; both padding sides
     "layers,side", [((0, 1), "left"), ((3, 2), "left"), ((3, 2), "right")]
 )
@@ -761,12 +775,7 @@ def test_encoder_view_scores_the_decoded_request_text(tmp_path):
     prefix and suffix removed); the guard's scores equal a hand computation; inputs_embeds calls are refused."""
     from safeguard.steering.encoder import ENCODER_SET, SentenceEncoder, chat_request_texts, chat_suffix
 
-    model, tok = tiny_llama(), tiny_tokenizer()
-    tok.chat_template = "{% for m in messages %}please help me {{ m['content'] }} sure{% endfor %}"
-    vecs, _ = _two_view_vectors(tmp_path / "v2", prompt_layer=1, last_layer=2, threshold=0.0)
-    g = torch.Generator().manual_seed(9)
-    e = torch.randn(1, 384, generator=g)
-    vecs.directions[ENCODER_SET], vecs.scales[ENCODER_SET] = e / e.norm(), torch.ones(1)
+    model, tok, vecs = _encoder_view_setup(tmp_path / "v2")
     views = vecs.calibration["detectors"]["both"]["views"] + [
         {"set": ENCODER_SET, "layer": 0, "pool": "encoder", "center": 0.05, "scale": 0.25}
     ]

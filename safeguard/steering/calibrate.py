@@ -85,12 +85,11 @@ def out_of_fold_scores(
     pos: torch.Tensor, neg: torch.Tensor, fit: Any, folds: int = 5
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores ``[L, N]`` of each state under a direction fitted without its fold (``fit(pos, neg) -> [L, d]``)."""
+    from .head import fold_masks
     from .reading import projections
 
     out_p, out_n = torch.zeros(pos.shape[:2]), torch.zeros(neg.shape[:2])
-    for f in range(folds):
-        tp = torch.arange(pos.shape[1]) % folds == f
-        tn = torch.arange(neg.shape[1]) % folds == f
+    for tp, tn in fold_masks(pos.shape[1], neg.shape[1], folds):
         dirs = fit(pos[:, ~tp], neg[:, ~tn])
         out_p[:, tp] = projections(pos[:, tp], dirs)
         out_n[:, tn] = projections(neg[:, tn], dirs)

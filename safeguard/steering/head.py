@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +75,18 @@ def head_features(pooled: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12) for x in pooled], dim=-1)
 
 
+def feature_standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and deviation ``[D]`` of rows ``[N, D]`` (deviation floored at 1e-6)."""
+    return x.mean(0), x.std(0).clamp_min(1e-6)
+
+
+def class_weighted_targets(n_pos: int, n_neg: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and per-row loss weights ``[n_pos + n_neg]`` (positives first) giving each class half the weight."""
+    y = torch.cat([torch.ones(n_pos), torch.zeros(n_neg)])
+    w = torch.cat([torch.full((n_pos,), 0.5 / n_pos), torch.full((n_neg,), 0.5 / n_neg)])
+    return y, w
+
+
 def train_mlp_head(
     pos: torch.Tensor,
     neg: torch.Tensor,
@@ -88,10 +100,9 @@ def train_mlp_head(
 ) -> MLPHead:
     """Fit the head on positive ``[N, D]`` and negative ``[M, D]`` feature rows (see the module docstring)."""
     both = torch.cat([pos, neg]).float()
-    mean, std = both.mean(0), both.std(0).clamp_min(1e-6)
+    mean, std = feature_standardisation(both)
     x = (both - mean) / std
-    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
-    w = torch.cat([torch.full((len(pos),), 0.5 / len(pos)), torch.full((len(neg),), 0.5 / len(neg))])
+    y, w = class_weighted_targets(len(pos), len(neg))
     nets = []
     for seed in seeds:
         with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
@@ -123,13 +134,28 @@ def _fit_one(
     return net
 
 
+def out_of_fold(
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    fit: Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]],
+    folds: int = 5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of each row ``[N, D]`` / ``[M, D]`` under ``fit(pos, neg)`` trained without its fold (row index mod
+    ``folds``, the calibration's folds); ``fit`` returns a scorer of rows ``[K, D] -> [K]``."""
+    op, on = torch.zeros(len(pos)), torch.zeros(len(neg))
+    for tp, tn in fold_masks(len(pos), len(neg), folds):
+        score = fit(pos[~tp], neg[~tn])
+        op[tp], on[tn] = score(pos[tp]), score(neg[tn])
+    return op, on
+
+
+def fold_masks(n_pos: int, n_neg: int, folds: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each fold ``f`` the boolean masks of the positive and negative rows whose index mod ``folds`` is ``f``."""
+    return [(torch.arange(n_pos) % folds == f, torch.arange(n_neg) % folds == f) for f in range(folds)]
+
+
 def out_of_fold_head_scores(
     pos: torch.Tensor, neg: torch.Tensor, folds: int = 5, **train: object
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of each row under a head trained without its fold (row index mod ``folds``, the calibration's folds)."""
-    op, on = torch.zeros(len(pos)), torch.zeros(len(neg))
-    for f in range(folds):
-        tp, tn = torch.arange(len(pos)) % folds == f, torch.arange(len(neg)) % folds == f
-        head = train_mlp_head(pos[~tp], neg[~tn], **train)  # type: ignore[arg-type]
-        op[tp], on[tn] = head(pos[tp]), head(neg[tn])
-    return op, on
+    """Scores of each row under a head trained without its fold (:func:`out_of_fold` of :func:`train_mlp_head`)."""
+    return out_of_fold(pos, neg, lambda p, n: train_mlp_head(p, n, **train), folds)  # type: ignore[arg-type]
