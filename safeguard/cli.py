@@ -19,7 +19,9 @@ from typing import Any
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["preset=strong", "sld_scale=100"]`` -> ``{"preset": "strong", "sld_scale": 100}``."""
+    """``["preset=strong", "sld_scale=100", "release=False"]`` -> ``{"preset": "strong", "sld_scale": 100,
+    "release": False}``: values are JSON, and Python's ``True`` / ``False`` / ``None`` are accepted too."""
+    python_literals = {"True": True, "False": False, "None": None}
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -28,7 +30,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            out[key] = python_literals.get(value, value)
     return out
 
 

@@ -5,7 +5,7 @@ harmful requests only. On its untouched sets fresh6 and fresh7 the detector flag
 requests, and the guard refused all 32. If at some lower strength the model still refused the flagged harmful
 requests but not the flagged harmless ones, a weaker (or score-graded) push would cut over-refusal without a better
 detector. This script steers exactly the rows READING_VERSION 13's evaluations flagged on fresh6 and fresh7 (the
-``fired`` lists of ``llm_repe_harmful_fresh6.json`` / ``_fresh7.json``: 132 harmful, 32 matched harmless requests)
+``fired`` lists of ``repe_v13/llm_repe_harmful_fresh6.json`` / ``_fresh7.json``: 132 harmful, 32 matched harmless requests)
 with ``add`` at layer 11 and strengths 0.5, 0.75, 1.0 and 1.25, greedy 32-token replies, refusal-phrase judge.
 
 **Outcome.** No: the flagged harmless requests are refused at least as often as the flagged harmful ones at every
@@ -47,7 +47,7 @@ def flagged_requests() -> dict[str, list[str]]:
     """The harmful and matched harmless requests READING_VERSION 13's evaluations of :data:`SETS` flagged."""
     rows: dict[str, list[str]] = {"harmful": [], "harmless": []}
     for split in SETS:
-        result = json.loads((EVAL / f"llm_repe_harmful_{split}.json").read_text())
+        result = json.loads((EVAL / "repe_v13" / f"llm_repe_harmful_{split}.json").read_text())
         for kind in rows:
             rows[kind] += [p for p, fired in zip(result["prompts"][kind], result["fired"][kind]) if fired]
     return rows

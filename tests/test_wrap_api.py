@@ -235,3 +235,13 @@ def test_default_method_per_family():
         safeguard.wrap(pipe, concepts=["red"])
         assert [d.name for d in safeguard.api.get_guard(pipe).defenses] == [expected]
         safeguard.unwrap(pipe)
+
+
+def test_cli_options_parse_json_and_python_literals():
+    from safeguard.cli import parse_options
+
+    got = parse_options(["preset=strong", "sld_scale=100", "release=False", "x=true", "y=None", "z=[1, 2]"])
+    assert got == {"preset": "strong", "sld_scale": 100, "release": False, "x": True, "y": None, "z": [1, 2]}
+    assert got["release"] is False and got["x"] is True
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        parse_options(["release"])
