@@ -18,7 +18,7 @@ the ``"mlp"`` detector the learned head's logit of the views' states; :func:`~sa
 
     OMP_NUM_THREADS=2 python scripts/detector_heldout_scores.py [--out benchmarks/results/eval/repe_detector_heldout]
 
-About 2 minutes on 2 CPU cores. Writes ``<out>.json`` and ``<out>.png``.
+About 6 minutes on 2 CPU cores. Writes ``<out>.json`` and ``<out>.png`` (``--replot`` redraws the figure from the JSON).
 """
 
 from __future__ import annotations
@@ -90,7 +90,12 @@ def plot(result: dict, threshold: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     splits = list(result["sets"])
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.4), sharey=True)
+    cols = min(len(splits), 3)
+    rows = -(-len(splits) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), sharey=True, squeeze=False)
+    axes = grid.ravel()
+    for ax in axes[len(splits) :]:
+        ax.axis("off")
     colors = {"harmful": "#c0392b", "harmless": "#2e86c1", "harmless_scary": "#27ae60"}
     labels = {"harmful": "harmful", "harmless": "matched harmless", "harmless_scary": "harmless, scary words"}
     all_s = [x for s in splits for k in KINDS for x in result["sets"][s]["scores"][k]]
@@ -110,7 +115,8 @@ def plot(result: dict, threshold: float, path: Path) -> None:
         ax.set_xlabel(
             "detector score" + (" (head logit)" if result["detector"] == "mlp" else " (sum of standardised cosines)")
         )
-    axes[0].set_ylabel("density")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("density")
     axes[0].legend(fontsize=8, loc="upper left")
     fig.suptitle(
         f"shipped harmful-request detector {result['detector']!r} on the held-out sets "
@@ -125,7 +131,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output path without suffix")
     ap.add_argument("--thresholds", type=float, nargs="*", default=[1.0, 0.5, 0.38, 0.0], help="others to tabulate")
+    ap.add_argument("--replot", action="store_true", help="only redraw the figure from <out>.json")
     args = ap.parse_args()
+    if args.replot:
+        result = json.loads(args.out.with_suffix(".json").read_text())
+        plot(result, result["threshold"], args.out.with_suffix(".png"))
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from safeguard.models import smollm2
 
