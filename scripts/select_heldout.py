@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--note", default="", help="how and when the set was written, for the files' descriptions")
     ap.add_argument("--out", type=Path, default=data.DATA_DIR)
     args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     pair_file = args.out / f"harmful_harmless_pairs_{args.split}.json"
     scary_file = args.out / f"harmless_scary_words_{args.split}.json"
     if pair_file.exists() or scary_file.exists():

@@ -562,7 +562,7 @@ def test_third_extra_files_are_training_only_balanced_and_new():
 
 @pytest.mark.parametrize(
     "split,tag",
-    [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j"), ("fresh6", "-k"), ("fresh7", "-l"), ("fresh8", "-m")],
+    [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j"), ("fresh6", "-k"), ("fresh7", "-l"), ("fresh8", "-m"), ("fresh9", "-n")],
 )
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
     from safeguard.core.errors import InvalidOptionError
@@ -601,7 +601,7 @@ def test_training_only_data_is_far_from_held_out_prompts():
     sizes += [("fresh_pairs", 160), ("fresh2_pairs", 136), ("fresh3_pairs", 152), ("fresh4_pairs", 150)]
     sizes += [("fresh5_pairs", 160), ("fresh5_scary", 40), ("fresh6_pairs", 160), ("fresh7_scary", 40)]
     for name, n in sizes:
-        for split in ("test", "val", "fresh8"):  # the sets still held out
+        for split in ("test", "val", "fresh8", "fresh9"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
         for retired in ("fresh", "fresh5", "fresh7"):  # a retired set is training data, not a reference
             assert f"{name}_vs_{retired} " not in res.stdout
@@ -637,8 +637,8 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
     from safeguard.steering import data
 
     excluded = data.retired_exclusions()
-    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh8"}
-    still = ("test", "fresh8")
+    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh8", "fresh9"}
+    still = ("test", "fresh8", "fresh9")
     assert data.STILL_HELD_OUT == still
     held = {p[k] for s in ("val", *still) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
     held |= {p["prompt"] for s in still for p in data.scary_harmless(s)}
