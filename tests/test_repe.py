@@ -562,7 +562,15 @@ def test_third_extra_files_are_training_only_balanced_and_new():
 
 @pytest.mark.parametrize(
     "split,tag",
-    [("fresh3", "-h"), ("fresh4", "-i"), ("fresh5", "-j"), ("fresh6", "-k"), ("fresh7", "-l"), ("fresh8", "-m"), ("fresh9", "-n")],
+    [
+        ("fresh3", "-h"),
+        ("fresh4", "-i"),
+        ("fresh5", "-j"),
+        ("fresh6", "-k"),
+        ("fresh7", "-l"),
+        ("fresh8", "-m"),
+        ("fresh9", "-n"),
+    ],
 )
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
     from safeguard.core.errors import InvalidOptionError
