@@ -26,11 +26,15 @@ Splits are made by code, deterministically, within each category (items sorted b
   13 (a second untouched measurement of it, since no later version was built). fresh6 and fresh7 are detector
   training data since READING_VERSION 14.
 - ``"fresh8"``: a ninth, written after that read for a later version (ids ``-m01``..., selected without reading by
-  ``scripts/select_heldout.py``); read by READING_VERSION 14's one untouched measurement only.
+  ``scripts/select_heldout.py``); read by READING_VERSION 14's one untouched measurement.
 - ``"fresh9"``: a tenth, written after that read by three more blind writers for READING_VERSION 14's second untouched
-  measurement (ids ``-n01``..., selected the same way).
-- retired held-out sets (:data:`RETIRED`: fresh ... fresh7, each read by evaluations of earlier versions) are also
-  training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14):
+  measurement (ids ``-n01``..., selected the same way); read by it. fresh8 and fresh9 are detector training data
+  since READING_VERSION 15.
+- ``"fresh10"``: an eleventh, written after fresh9's read for READING_VERSION 15's one untouched measurement (ids
+  ``-o01``..., selected the same way before version 15 was calibrated).
+- retired held-out sets (:data:`RETIRED`: fresh ... fresh9, each read by evaluations of earlier versions) are also
+  training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
+  fresh9 since 15):
   ``extra_pairs("fresh")``... return them less the items above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
   unchanged and ``harmful_pairs("fresh")``... still return them whole, for re-reading earlier results.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
@@ -67,14 +71,13 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (fresh ... fresh4 retired into training data: RETIRED)
-LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9")
+LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9", "fresh10")
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
-# 14), less their items near
-# a held-out prompt
-RETIRED = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7")
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh8, fresh9
+# 14, fresh8 and fresh9 since 15), less their items near a held-out prompt
+RETIRED = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9")
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh10
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -143,7 +146,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh8``, ``fresh9``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh10``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
