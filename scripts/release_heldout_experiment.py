@@ -26,8 +26,8 @@ after this rule and selected unread. Either way fresh9's one read measures the v
     python scripts/release_heldout_experiment.py   # reads the evaluations; about 1 minute (MiniLM judge)
 
 The evaluations it reads (each ``python -m safeguard eval --model smollm2 --method repe --concepts harmful --split
-<set>``, about 7 minutes): ``benchmarks/results/eval/llm_repe_harmful.json`` (test) and ``_fresh8.json``, and
-``benchmarks/results/eval/repe_v14/llm_repe_harmful_<set>.json`` for fresh ... fresh7.
+<set>`` with the v14 vectors, about 7 minutes): ``benchmarks/results/eval/repe_v14/llm_repe_harmful.json`` (test) and
+``repe_v14/llm_repe_harmful_<set>.json`` for fresh ... fresh8 (moved there when version 15 shipped).
 """
 
 from __future__ import annotations
@@ -49,11 +49,9 @@ NO_RELEASE_CHECK = EVAL / "repe_v14" / "llm_repe_harmful_fresh8_release-False_in
 
 
 def evaluation(split: str) -> dict:
-    if split == "test":
-        return json.loads((EVAL / "llm_repe_harmful.json").read_text())
-    if split == "fresh8":
-        return json.loads((EVAL / "llm_repe_harmful_fresh8.json").read_text())
-    return json.loads((EVAL / "repe_v14" / f"llm_repe_harmful_{split}.json").read_text())
+    """v14's evaluation of ``split`` (all in ``repe_v14/`` since version 15 shipped)."""
+    name = "llm_repe_harmful.json" if split == "test" else f"llm_repe_harmful_{split}.json"
+    return json.loads((EVAL / "repe_v14" / name).read_text())
 
 
 def distinct_word_ratio(replies: list[str]) -> float:

@@ -31,7 +31,7 @@ Splits are made by code, deterministically, within each category (items sorted b
   measurement (ids ``-n01``..., selected the same way); read by it. fresh8 and fresh9 are detector training data
   since READING_VERSION 15.
 - ``"fresh10"``: an eleventh, written after fresh9's read for READING_VERSION 15's one untouched measurement (ids
-  ``-o01``..., selected the same way before version 15 was calibrated).
+  ``-o01``..., selected the same way before version 15 was calibrated); read by that measurement.
 - retired held-out sets (:data:`RETIRED`: fresh ... fresh9, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
   fresh9 since 15):
