@@ -349,7 +349,7 @@ def add_eval_parser(sub: Any) -> None:
         "--split",
         default="test",
         choices=list(HELD_OUT),
-        help="smollm2, harmful: the held-out set (test: 72 + 72 + 52 prompts; fresh ... fresh10: later sets of 80 + 80 + 40)",
+        help="smollm2, harmful: the held-out set (test: 72 + 72 + 52 prompts; fresh ... fresh11: later sets of 80 + 80 + 40)",
     )
     e.add_argument("--option", action="append", default=[], help="defense option KEY=VALUE (repeatable)")
     e.add_argument("--seeds", type=int, default=2)
