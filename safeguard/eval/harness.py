@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..steering.data import HELD_OUT
+from ..steering.data import HELD_OUT, LATER
 from .suites import CATEGORIES, SuitePrompt, build_suite, concept_kind
 
 logger = logging.getLogger(__name__)
@@ -349,7 +349,8 @@ def add_eval_parser(sub: Any) -> None:
         "--split",
         default="test",
         choices=list(HELD_OUT),
-        help="smollm2, harmful: the held-out set (test: 72 + 72 + 52 prompts; fresh ... fresh11: later sets of 80 + 80 + 40)",
+        help=f"smollm2, harmful: the held-out set (test: 72 + 72 + 52 prompts; {LATER[0]} ... {LATER[-1]}: later sets of "
+        "80 + 80 + 40)",
     )
     e.add_argument("--option", action="append", default=[], help="defense option KEY=VALUE (repeatable)")
     e.add_argument("--seeds", type=int, default=2)

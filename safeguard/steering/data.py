@@ -73,7 +73,7 @@ from ..core.errors import InvalidOptionError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
-# the held-out sets written after the first, each a whole file (fresh ... fresh4 retired into training data: RETIRED)
+# the held-out sets written after the first, each a whole file (those already read are retired into training data: RETIRED)
 LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9", "fresh10", "fresh11")
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
