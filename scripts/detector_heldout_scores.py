@@ -1,6 +1,6 @@
 """Where the shipped harmful-request detector's scores fall on every held-out set, and what other thresholds would do.
 
-For each held-out set (``test``, ``fresh`` ... ``fresh11``: harmful requests, matched harmless ones, harmless
+For each held-out set (``test``, ``fresh`` ... ``fresh12``: harmful requests, matched harmless ones, harmless
 ones with scary words; ``fresh`` ... ``fresh9`` are training data of the detector since READING_VERSION 12 ... 15
 and are marked so, without the parity check, since their evaluations were all made with older vectors) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
 on the shipped vectors: its views, each a cosine standardised by the calibration's center and scale, summed, or for
@@ -45,7 +45,7 @@ VECTORS = ROOT / "safeguard" / "models" / "weights" / "repe" / "harmful-mean_dif
 EVAL = ROOT / "benchmarks" / "results" / "eval"
 DEFAULT_OUT = EVAL / "repe_detector_heldout"
 KINDS = ("harmful", "harmless", "harmless_scary")
-UNREAD: tuple[str, ...] = ("fresh11",)  # kept unread for the next version's one untouched measurement: skipped
+UNREAD: tuple[str, ...] = ("fresh11", "fresh12")  # kept unread for the next version's one untouched measurement: skipped
 
 
 def held_out(split: str) -> dict[str, list[str]]:

@@ -35,6 +35,9 @@ Splits are made by code, deterministically, within each category (items sorted b
 - ``"fresh11"``: a twelfth, written after that read by three more blind writers (task formats, people in specific
   roles, euphemistic wording) for the next version's one untouched measurement (ids ``-p01``..., selected the same
   way); read by nothing yet.
+- ``"fresh12"``: a thirteenth, written by three more blind writers (real-user style, near misses and less common
+  harms, context-first messages) before the next version was calibrated, for the version after it (ids
+  ``-q01``..., selected the same way); read by nothing yet.
 - retired held-out sets (:data:`RETIRED`: fresh ... fresh9, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
   fresh9 since 15):
@@ -74,13 +77,13 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (those already read are retired into training data: RETIRED)
-LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9", "fresh10", "fresh11")
+LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9", "fresh10", "fresh11", "fresh12")
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
 # 14, fresh8 and fresh9 since 15), less their items near a held-out prompt
 RETIRED = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9")
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh10, fresh11
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh10, fresh11, fresh12
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -149,7 +152,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh10``, ``fresh11``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh10``, ``fresh11``, ``fresh12``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
