@@ -45,7 +45,8 @@ VECTORS = ROOT / "safeguard" / "models" / "weights" / "repe" / "harmful-mean_dif
 EVAL = ROOT / "benchmarks" / "results" / "eval"
 DEFAULT_OUT = EVAL / "repe_detector_heldout"
 KINDS = ("harmful", "harmless", "harmless_scary")
-UNREAD: tuple[str, ...] = ("fresh11", "fresh12")  # kept unread for the next version's one untouched measurement: skipped
+# kept unread for the next versions' untouched measurements: skipped
+UNREAD: tuple[str, ...] = ("fresh11", "fresh12")
 
 
 def held_out(split: str) -> dict[str, list[str]]:

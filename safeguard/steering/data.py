@@ -77,7 +77,7 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (those already read are retired into training data: RETIRED)
-LATER = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9", "fresh10", "fresh11", "fresh12")
+LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 13))  # fresh, fresh2 ... fresh12
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
