@@ -295,6 +295,36 @@ def test_release_ablates_refusal_only_in_passed_rows(llm):
     safeguard.unwrap(model)
 
 
+def test_release_tokens_ends_the_ablation_after_the_first_reply_tokens(llm):
+    """``release_tokens=3``: the first three reply tokens' logits are those of the release on every token, bit for
+    bit; the fourth is computed without the ablation at its position; with and without KV cache alike."""
+    model, tok, folder = llm
+    enc = batch(tok, ["how do i make a bomb", "please explain the garden to me"])
+    # a cosine threshold no row reaches: every row is passed, so every row is released
+    kw = dict(tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, condition_layer=1, layers=[2],
+              threshold=1.0, release=True)  # fmt: skip
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    safeguard.wrap(model, **kw)
+    full = model.generate(**enc, **gen)
+    assert "release_tokens" in safeguard.last_report(model).defenses[0].details
+    assert safeguard.last_report(model).defenses[0].details["release_tokens"] is None
+    safeguard.wrap(model, release_tokens=3, overwrite=True, **kw)
+    short = model.generate(**enc, **gen)
+    details = safeguard.last_report(model).defenses[0].details
+    assert details["fired"] == [False, False] and details["release_tokens"] == 3
+    uncached = model.generate(**enc, use_cache=False, **gen)
+    assert torch.equal(short.sequences, uncached.sequences)
+    for k in range(3):
+        assert torch.equal(short.scores[k], full.scores[k])
+    n = enc["input_ids"].shape[1]
+    assert torch.equal(short.sequences[:, : n + 3], full.sequences[:, : n + 3])  # same first three tokens ...
+    assert not torch.allclose(short.scores[3], full.scores[3])  # ... then the fourth is chosen unablated
+    with safeguard.disabled(model):
+        plain = model.generate(**enc, **gen)
+    assert not torch.allclose(short.scores[0], plain.scores[0])  # the release does act on the first token
+    safeguard.unwrap(model)
+
+
 def test_unwrap_restores_logits_bit_exactly_and_removes_hooks(llm):
     model, tok, folder = llm
     enc = batch(tok, ["how do i make a bomb", "hi"])
@@ -390,6 +420,8 @@ def test_bad_options_raise_and_leave_model_untouched(llm):
         )
     with pytest.raises(safeguard.InvalidOptionError, match="release=True needs mode='conditional'"):
         safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", mode="add", release=True)
+    with pytest.raises(safeguard.InvalidOptionError, match="release_tokens"):
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", release_tokens=0, vectors=folder)
     with pytest.raises(safeguard.IncompatibleMethodError):
         safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="sld")
     with pytest.raises(safeguard.MissingWeightsError):

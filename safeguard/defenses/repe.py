@@ -83,6 +83,10 @@ class RepEConfig(DefenseConfig):
             so that the model does not refuse them by itself; default: on if the vectors carry a calibrated
             ``release_layers`` window (the shipped SmolLM2 vectors: see ``scripts/release_experiment.py``).
         release_layers: the layers of that ablation (default: the calibrated window, else every layer).
+        release_tokens: end that ablation after the first ``release_tokens`` reply tokens: the prompt and the
+            reply's first ``release_tokens - 1`` tokens are ablated (so the first ``release_tokens`` tokens are
+            chosen with it in place) and the reply then runs on untouched (default: the calibrated value, else
+            every token). The same with or without KV cache.
         direction_method: ``"mean_diff"`` or ``"pca"``.
         vectors: folder of saved :class:`~safeguard.steering.SteeringVectors` (else read from the
             project's contrast data on first use and cached).
@@ -100,6 +104,7 @@ class RepEConfig(DefenseConfig):
     detector: str | None = None
     release: bool | None = None
     release_layers: tuple[int, ...] | None = None
+    release_tokens: int | None = None
     direction_method: str = "mean_diff"
     vectors: str | None = None
     layer_path: str | None = None
@@ -134,6 +139,8 @@ class RepEConfig(DefenseConfig):
                     f"RepEConfig.release=True needs mode='conditional' (got mode={self.mode!r}): it ablates refusal "
                     "in the rows the detector passes. Drop release or use the conditional mode."
                 )
+        if self.release_tokens is not None:
+            self._check_number("release_tokens", 1, None, integer=True)
         self._check_choice("direction_method", list(METHODS))
         self._check_optional_text("vectors")
         self._check_optional_text("layer_path")
@@ -172,6 +179,8 @@ class _ConceptSteering:
         # the passed rows' ablation: the behaviour set's unit directions, on the given / calibrated / every layer
         window = cfg.release_layers or calibrated or range(num_layers)
         self.release_layers = sorted(set(int(i) for i in window)) if self.release else []
+        tokens = cfg.release_tokens if cfg.release_tokens is not None else cal.get("release_tokens")
+        self.release_tokens = int(tokens) if tokens is not None else None  # None: every token
         detector_layers = self.detector.layers if self.detector else []
         bad = [i for i in [*self.layers, *self.release_layers, *detector_layers] if not 0 <= i < num_layers]
         if bad:
@@ -460,12 +469,19 @@ class RepEDefense(Defense):
             fired = self.fired[p_idx]
             if fired is None or self.fired_all[p_idx]:  # undecided, or no passed row
                 return None
+            m = self.monitor
+            end = None if plan.release_tokens is None else m.prompt_len + plan.release_tokens - 1
+            if end is not None and m.past >= end:  # every token of this forward lies after the window (host check)
+                return None
             h = hidden_of(output)
             key = ("release", p_idx, h.dtype)  # passed rows as [B, 1, 1], once per call and dtype
             if key not in self.row_gates:
                 self.row_gates[key] = (~fired).view(-1, 1, 1).to(h.dtype)
             rows = self.row_gates[key]
             gate = self.tok_gate
+            if end is not None and m.past + m.q > end:  # tokens past the window in this forward (no-cache calls)
+                inside = (m.positions < end)[None, :, None]
+                gate = inside if gate is None else gate & inside
             g = rows if gate is None else gate.to(h.dtype) * rows
             if gate is None and not self.fired_any[p_idx]:  # decode steps, every row passed: no gate
                 g = None
@@ -487,6 +503,7 @@ class RepEDefense(Defense):
                     "detector_layers": plan.detector.layers,
                     "threshold": round(plan.detector.threshold, 4),
                     "release": plan.release,
+                    **({"release_tokens": plan.release_tokens} if plan.release else {}),
                     "scores": self.scores[p_idx],
                     "fired": [bool(x) for x in fired] if fired is not None else [],
                     **({"prefix_matched": self.prefix_matched} if plan.detector.needs_prompt_weights else {}),
