@@ -15,9 +15,10 @@ through ``model.generate`` with or without KV cache, greedy or sampled, in batch
   deeper than the first behaviour layer, the decision is made by a look-ahead pass over the prompt
   that stops at that layer (its cost is reported; decode steps never pay it), so the prompt and the
   first generated token are steered too. With ``release`` (calibrated), the rows the detector passes get
-  the behaviour (refusal) direction ablated on the calibrated ``release_layers`` instead of running untouched, which removes
-  most of the model's own false refusals of harmless requests (the false-refusal ablation of Wang et al.
-  2024; the refusal-direction ablation of Arditi et al. 2024 applied to passed rows only).
+  the behaviour (refusal) direction ablated on the calibrated ``release_layers`` for the reply's first calibrated
+  ``release_tokens`` tokens instead of running untouched, which removes most of the model's own false refusals of
+  harmless requests (the false-refusal ablation of Wang et al. 2024; the refusal-direction ablation of Arditi et al.
+  2024 applied to passed rows only, and only while the reply opens, where refusal is decided).
 
 Each row's first real token (position 0, whose residual norm is orders of magnitude larger
 than the rest) is never edited; left and right padding are both handled from the attention mask.
@@ -81,7 +82,8 @@ class RepEConfig(DefenseConfig):
             default: the calibrated choice.
         release: ``conditional`` only: ablate the behaviour (refusal) direction in the rows the detector passes,
             so that the model does not refuse them by itself; default: on if the vectors carry a calibrated
-            ``release_layers`` window (the shipped SmolLM2 vectors: see ``scripts/release_experiment.py``).
+            ``release_layers`` window (the shipped SmolLM2 vectors: layers 5-17 for 4 tokens, see
+            ``scripts/release_tokens_experiment.py``).
         release_layers: the layers of that ablation (default: the calibrated window, else every layer).
         release_tokens: end that ablation after the first ``release_tokens`` reply tokens: the prompt and the
             reply's first ``release_tokens - 1`` tokens are ablated (so the first ``release_tokens`` tokens are

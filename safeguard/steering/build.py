@@ -5,8 +5,8 @@ harmless requests read at the last prompt token (their mean difference); ``condi
 ``condition_prompt``, shrunk Fisher discriminants of the last-token states and of the mean over
 each request's own tokens (the two views of the detector that decides whether a request is
 harmful, :mod:`safeguard.steering.detector`); and ``behaviour``, refusing minus complying replies
-read as the mean over the reply's tokens (what to push toward; its calibration also records ``release_layers``, where
-the rows the detector passes get it ablated). Any other concept is a *topic*: its ``concept`` direction contrasts
+read as the mean over the reply's tokens (what to push toward; its calibration also records ``release_layers`` and
+``release_tokens``: where, and for how many reply tokens, the rows the detector passes get it ablated). Any other concept is a *topic*: its ``concept`` direction contrasts
 template prompts about the topic with the same templates about neutral topics (the project's
 topic phrases for ``violence``, ``weapons``, ``drugs``... or the concept's own phrases).
 
@@ -47,12 +47,13 @@ from .vectors import SteeringVectors
 
 logger = logging.getLogger(__name__)
 
-READING_VERSION = 15
+READING_VERSION = 16
 LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_negatives_experiment.py)
 # the detector's training-only data: both extra files and the four read held-out sets, retired into training data
 # less their items near a still-held-out prompt (data.RETIRED); the choice of scripts/detector_retired_experiment.py
 # (leave-one-set-out over those four sets: mean flagged harmful 0.888 -> 0.912 at pooled harmless 0.046 -> 0.050),
-# READING_VERSION 12; fresh5 joined them in 13, after its one read, fresh6 and fresh7 in 14, fresh8 and fresh9 in 15. Up to version 11 the detector read the first extra
+# READING_VERSION 12; fresh5 joined them in 13, after its one read, fresh6 and fresh7 in 14, fresh8 and fresh9 in 15,
+# fresh10 in 16. Up to version 11 the detector read the first extra
 # file only (the topic-broad extra2 with the request-mean view, READING_VERSION 9, did worse:
 # scripts/detector_breadth_experiment.py). The third extra file (extra3, six new writers) is not read: leave-one-set-out
 # over fresh ... fresh5 (scripts/detector_extra3_experiment.py) lowered the harmless flagged share 0.053 -> 0.037 but
@@ -70,8 +71,12 @@ ENCODER_VIEW = True
 # the learned head over the three views (the "mlp" detector, safeguard.steering.head) is trained with them
 HEAD_DETECTOR = True
 HEAD_NAME = "detector_mlp"
-# rows the detector passes get the refusal direction ablated on these layers (scripts/release_experiment.py's window)
-RELEASE_LAYERS = list(range(8, 15))
+# rows the detector passes get the refusal direction ablated on these layers for the reply's first RELEASE_TOKENS tokens
+# (the prompt and the reply's first three tokens): scripts/release_tokens_experiment.py's choice, READING_VERSION 16
+# (312 harmless calibration requests: SmolLM2's own 38 refusals -> 0, against 18 left by version 15's window, layers
+# 8-14 on every token, scripts/release_experiment.py; mean distinct-word ratio 0.764 -> 0.735)
+RELEASE_LAYERS = list(range(5, 18))
+RELEASE_TOKENS = 4
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -117,7 +122,7 @@ def read_vectors(
     validation + out-of-fold AUROC). ``encoder`` adds the sentence-encoder view and with it the ``"both+encoder"``
     detector (:mod:`safeguard.steering.encoder`); ``head`` trains the learned head over the three views and with it
     the ``"mlp"`` detector (:mod:`safeguard.steering.head`). The defaults give the shipped vectors (READING_VERSION
-    14); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
+    16; 14 and 15 had the same recipe with fewer retired sets and release on layers 8-14 for every token); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
     fresh5, 12);
     ``extra_data=extra_scary=("extra",)`` gives those of version 11, adding ``encoder=False`` the detectors of
     READING_VERSION 10; ``extra_data=("extra",), extra_scary=("extra",), encoder=False, detector=None``
@@ -344,6 +349,7 @@ def _read_refusal(
         "behaviour_search_reused": reused is not None,
         **({"behaviour_search_match": reused[3]} if reused is not None else {}),
         "release_layers": RELEASE_LAYERS,
+        "release_tokens": RELEASE_TOKENS,
     }
     logger.info(
         "repe calibration: detector %r (val AUROC %.3f, out-of-fold %.3f, threshold %.3f; last-token layer %d, "

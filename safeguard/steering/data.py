@@ -31,16 +31,17 @@ Splits are made by code, deterministically, within each category (items sorted b
   measurement (ids ``-n01``..., selected the same way); read by it. fresh8 and fresh9 are detector training data
   since READING_VERSION 15.
 - ``"fresh10"``: an eleventh, written after fresh9's read for READING_VERSION 15's one untouched measurement (ids
-  ``-o01``..., selected the same way before version 15 was calibrated); read by that measurement.
+  ``-o01``..., selected the same way before version 15 was calibrated); read by that measurement; detector training
+  data since READING_VERSION 16.
 - ``"fresh11"``: a twelfth, written after that read by three more blind writers (task formats, people in specific
   roles, euphemistic wording) for the next version's one untouched measurement (ids ``-p01``..., selected the same
   way); read by nothing yet.
 - ``"fresh12"``: a thirteenth, written by three more blind writers (real-user style, near misses and less common
   harms, context-first messages) before the next version was calibrated, for the version after it (ids
   ``-q01``..., selected the same way); read by nothing yet.
-- retired held-out sets (:data:`RETIRED`: fresh ... fresh9, each read by evaluations of earlier versions) are also
+- retired held-out sets (:data:`RETIRED`: fresh ... fresh10, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
-  fresh9 since 15):
+  fresh9 since 15, fresh10 since 16):
   ``extra_pairs("fresh")``... return them less the items above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
   unchanged and ``harmful_pairs("fresh")``... still return them whole, for re-reading earlier results.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
@@ -81,9 +82,9 @@ LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 13))  # fresh,
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
-# 14, fresh8 and fresh9 since 15), less their items near a held-out prompt
-RETIRED = ("fresh", "fresh2", "fresh3", "fresh4", "fresh5", "fresh6", "fresh7", "fresh8", "fresh9")
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh10, fresh11, fresh12
+# 14, fresh8 and fresh9 since 15, fresh10 since 16), less their items near a held-out prompt
+RETIRED = LATER[:10]  # fresh ... fresh10
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh11, fresh12
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -131,7 +132,7 @@ def extra_pairs(which: str = "extra") -> list[dict[str, str]]:
     """Training-only pairs, in category then id order: ``"extra"``, the 240 of ``harmful_harmless_pairs_extra.json``
     (ids ``<category>-x001``...), ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...),
     ``"extra3"``, those of ``harmful_harmless_pairs_extra3.json`` (``-z001``...), or
-    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh7"``) less its pairs with a side above MiniLM
+    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh10"``) less its pairs with a side above MiniLM
     cosine 0.75 to a prompt of a set still held out (:func:`retired_exclusions`)."""
     _check_extra(which)
     return _less_exclusions(which, _whole(f"harmful_harmless_pairs_{which}.json", "pairs"))
@@ -152,7 +153,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh10``, ``fresh11``, ``fresh12``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh11``, ``fresh12``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
