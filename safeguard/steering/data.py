@@ -35,10 +35,10 @@ Splits are made by code, deterministically, within each category (items sorted b
   data since READING_VERSION 16.
 - ``"fresh11"``: a twelfth, written after that read by three more blind writers (task formats, people in specific
   roles, euphemistic wording) for the next version's one untouched measurement (ids ``-p01``..., selected the same
-  way); read by nothing yet.
+  way); read by READING_VERSION 16's untouched measurement.
 - ``"fresh12"``: a thirteenth, written by three more blind writers (real-user style, near misses and less common
-  harms, context-first messages) before the next version was calibrated, for the version after it (ids
-  ``-q01``..., selected the same way); read by nothing yet.
+  harms, context-first messages) before READING_VERSION 16 was calibrated (ids ``-q01``..., selected the same way);
+  declared after v16's fresh11 read, before any reading of it, as v16's second untouched measurement.
 - retired held-out sets (:data:`RETIRED`: fresh ... fresh10, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
   fresh9 since 15, fresh10 since 16):
