@@ -38,7 +38,10 @@ Splits are made by code, deterministically, within each category (items sorted b
   way); read by READING_VERSION 16's untouched measurement.
 - ``"fresh12"``: a thirteenth, written by three more blind writers (real-user style, near misses and less common
   harms, context-first messages) before READING_VERSION 16 was calibrated (ids ``-q01``..., selected the same way);
-  declared after v16's fresh11 read, before any reading of it, as v16's second untouched measurement.
+  declared after v16's fresh11 read, before any reading of it, as v16's second untouched measurement; read by it.
+- ``"fresh13"``: a fourteenth, written after v16's fresh11 read by three more blind writers (task formats and roles,
+  euphemistic wording, real-user chat) for the next version's one untouched measurement (ids ``-r01``..., selected
+  the same way); read by nothing yet.
 - retired held-out sets (:data:`RETIRED`: fresh ... fresh10, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
   fresh9 since 15, fresh10 since 16):
@@ -78,13 +81,13 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (those already read are retired into training data: RETIRED)
-LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 13))  # fresh, fresh2 ... fresh12
+LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 14))  # fresh, fresh2 ... fresh13
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
 # 14, fresh8 and fresh9 since 15, fresh10 since 16), less their items near a held-out prompt
 RETIRED = LATER[:10]  # fresh ... fresh10
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh11, fresh12
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh11, fresh12, fresh13
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -153,7 +156,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh11``, ``fresh12``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh11``, ``fresh12``, ``fresh13``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
