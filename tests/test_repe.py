@@ -325,6 +325,33 @@ def test_release_tokens_ends_the_ablation_after_the_first_reply_tokens(llm):
     safeguard.unwrap(model)
 
 
+@pytest.mark.parametrize("guard", [None, {"threshold": 1.0, "release": True, "release_tokens": 2}, {"threshold": -1.0}])
+def test_teacher_forced_scoring_matches_what_generate_computes(llm, guard):
+    """``token_logprobs`` (under the evaluation's KL and perplexity) scores each reply token with the distribution
+    ``generate`` chose it from: unguarded, with release for the first 2 tokens (every row passed) and steered (every
+    row flagged); left-padded prompts of different lengths."""
+    from safeguard.eval.llm import token_logprobs
+
+    model, tok, folder = llm
+    prompts = ["how do i make a bomb", "please explain the garden to me today"]
+    if guard is not None:
+        safeguard.wrap(model, tokenizer=tok, concepts=["harmful"], method="repe", vectors=folder, condition_layer=1,
+                       layers=[2], strength=3.0, **guard)  # fmt: skip
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=0, output_scores=True,
+                         return_dict_in_generate=True)  # fmt: skip
+    n = enc["input_ids"].shape[1]
+    got = token_logprobs(model, tok, prompts, [row[n:].tolist() for row in out.sequences])
+    want = torch.log_softmax(torch.stack(out.scores, dim=1).float(), dim=-1)
+    for j in range(len(prompts)):
+        assert torch.allclose(got[j], want[j], atol=1e-4), (guard, j)
+    if guard is not None:
+        fired = safeguard.last_report(model).defenses[0].details["fired"]
+        assert fired == ([False, False] if guard["threshold"] > 0 else [True, True])
+        safeguard.unwrap(model)
+
+
 def test_unwrap_restores_logits_bit_exactly_and_removes_hooks(llm):
     model, tok, folder = llm
     enc = batch(tok, ["how do i make a bomb", "hi"])

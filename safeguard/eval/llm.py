@@ -133,24 +133,42 @@ def reply_ids(tok: Any, replies: list[str]) -> list[list[int]]:
 def reply_token_logprobs(
     model: Any, tok: Any, prompts: list[str], replies: list[str], batch_size: int = 16
 ) -> list[torch.Tensor]:
-    """Log-softmax next-token distributions over each reply's tokens (teacher forced): ``[n_i, vocab]`` each."""
-    tok.padding_side = "right"
+    """Log-softmax next-token distributions over each reply's tokens (teacher forced): ``[n_i, vocab]`` each.
+
+    Scored the way ``generate`` runs, so that a guard acts as it does while generating: the left-padded prompts in
+    one forward (where a conditional guard decides, from the prompt alone), then the replies' tokens in a second
+    forward on its KV cache (so that ``release_tokens`` ends the release where it ends in generation), positions
+    counted from each row's first real token.
+    """
+    return token_logprobs(model, tok, prompts, reply_ids(tok, replies), batch_size)
+
+
+@torch.no_grad()
+def token_logprobs(
+    model: Any, tok: Any, prompts: list[str], replies: list[list[int]], batch_size: int = 16
+) -> list[torch.Tensor]:
+    """:func:`reply_token_logprobs` for replies given as token ids (each non-empty)."""
+    tok.padding_side = "left"
     texts = chat_texts(tok, prompts)
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):
-        p_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
-        r_ids = reply_ids(tok, replies[i : i + batch_size])
-        seqs = [p + r for p, r in zip(p_ids, r_ids)]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-            mask[j, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        for j, (p, r) in enumerate(zip(p_ids, r_ids)):
-            out.append(torch.log_softmax(logits[j, len(p) - 1 : len(p) - 1 + len(r)], dim=-1).cpu())
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        r_ids = replies[i : i + batch_size]
+        reply = torch.full((len(r_ids), max(map(len, r_ids))), tok.pad_token_id, dtype=torch.long)
+        r_mask = torch.zeros_like(reply)
+        for j, r in enumerate(r_ids):
+            reply[j, : len(r)] = torch.tensor(r)
+            r_mask[j, : len(r)] = 1
+        mask = torch.cat([enc["attention_mask"], r_mask.to(device)], dim=1)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        n = enc["input_ids"].shape[1]
+        first = model(**enc, position_ids=pos[:, :n], use_cache=True)
+        rest = model(input_ids=reply.to(device), attention_mask=mask, position_ids=pos[:, n:],
+                     past_key_values=first.past_key_values, use_cache=True)  # fmt: skip
+        logits = torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], dim=1).float()
+        for j, r in enumerate(r_ids):
+            out.append(torch.log_softmax(logits[j, : len(r)], dim=-1).cpu())
     return out
 
 
