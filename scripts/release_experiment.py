@@ -65,9 +65,12 @@ def calibration_sets() -> dict[str, list[str]]:
     }
 
 
-def summarise(sets: dict[str, list[str]], replies: dict[str, dict[str, list[str]]]) -> dict:
-    """Refusal counts and distinct-word ratios per set and arm (``unguarded`` and one per window), the harmless
-    totals and the rule's choice of window (``None``: no window qualifies)."""
+def tally(
+    sets: dict[str, list[str]], replies: dict[str, dict[str, list[str]]], info_sets: tuple[str, ...] = ("val_harmful",)
+) -> tuple[dict[str, dict], dict[str, float], list[str]]:
+    """Refusal counts and distinct-word ratios per set and arm, their totals over the harmless sets (all but
+    ``info_sets``), and the arms other than ``unguarded`` that pass the rule: at least halve the unguarded harmless
+    refusals while the mean distinct-word ratio drops by less than 0.05."""
     rows: dict[str, dict] = {}
     for name in sets:
         rows[name] = {"n": len(sets[name])}
@@ -75,8 +78,8 @@ def summarise(sets: dict[str, list[str]], replies: dict[str, dict[str, list[str]
             r = by_set[name]
             rows[name][f"{arm}_refusals"] = sum(map(is_refusal_phrase, r))
             rows[name][f"{arm}_distinct"] = round(sum(map(distinct_ratio, r)) / len(r), 4)
-    harmless = [k for k in sets if k != "val_harmful"]
-    total = {"n": sum(rows[k]["n"] for k in harmless)}
+    harmless = [k for k in sets if k not in info_sets]
+    total: dict[str, float] = {"n": sum(rows[k]["n"] for k in harmless)}
     for arm in replies:
         total[f"{arm}_refusals"] = sum(rows[k][f"{arm}_refusals"] for k in harmless)
         total[f"{arm}_distinct"] = round(
@@ -89,7 +92,13 @@ def summarise(sets: dict[str, list[str]], replies: dict[str, dict[str, list[str]
             and total["unguarded_distinct"] - total[f"{arm}_distinct"] < 0.05
         )
 
-    ok = [a for a in replies if a != "unguarded" and qualifies(a)]
+    return rows, total, [a for a in replies if a != "unguarded" and qualifies(a)]
+
+
+def summarise(sets: dict[str, list[str]], replies: dict[str, dict[str, list[str]]]) -> dict:
+    """:func:`tally` and the rule's choice of window (the fewest refusals, ties: fewer layers; ``None``: no window
+    qualifies)."""
+    rows, total, ok = tally(sets, replies)
     choice = min(ok, key=lambda a: (total[f"{a}_refusals"], len(WINDOWS.get(a, range(1000))))) if ok else None
     return {"sets": rows, "harmless_total": total, "release_window": choice}
 
