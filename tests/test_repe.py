@@ -633,6 +633,7 @@ def test_third_extra_files_are_training_only_balanced_and_new():
         ("fresh11", "-p"),
         ("fresh12", "-q"),
         ("fresh13", "-r"),
+        ("fresh14", "-s"),
     ],
 )
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
@@ -672,10 +673,12 @@ def test_training_only_data_is_far_from_held_out_prompts():
     sizes += [("fresh_pairs", 160), ("fresh2_pairs", 136), ("fresh3_pairs", 152), ("fresh4_pairs", 150)]
     sizes += [("fresh5_pairs", 160), ("fresh5_scary", 40), ("fresh6_pairs", 160), ("fresh7_scary", 40)]
     sizes += [("fresh8_pairs", 160), ("fresh9_scary", 40), ("fresh10_pairs", 160), ("fresh10_scary", 40)]
+    sizes += [("fresh11_pairs", 160), ("fresh12_scary", 40)]
     for name, n in sizes:
-        for split in ("test", "val", "fresh11", "fresh12", "fresh13"):  # the sets still held out
+        for split in ("test", "val", "fresh13", "fresh14"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
-        for retired in ("fresh", "fresh5", "fresh7", "fresh9"):  # a retired set is training data, not a reference
+        # a retired set is training data, not a reference
+        for retired in ("fresh", "fresh5", "fresh7", "fresh9", "fresh11", "fresh12"):
             assert f"{name}_vs_{retired} " not in res.stdout
 
 
@@ -709,8 +712,8 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
     from safeguard.steering import data
 
     excluded = data.retired_exclusions()
-    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh11", "fresh12", "fresh13"}
-    still = ("test", "fresh11", "fresh12", "fresh13")
+    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh13", "fresh14"}
+    still = ("test", "fresh13", "fresh14")
     assert data.STILL_HELD_OUT == still
     held = {p[k] for s in ("val", *still) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
     held |= {p["prompt"] for s in still for p in data.scary_harmless(s)}
@@ -724,12 +727,12 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
         assert not texts & held
     assert len(data.extra_pairs("fresh2")) < 80  # fresh2 restated some test prompts: those pairs are left out
     with pytest.raises(InvalidOptionError, match="retired held-out sets"):
-        data.extra_pairs("fresh11")  # still held out
+        data.extra_pairs("fresh13")  # still held out
     vecs = SimpleNamespace(meta={"reading": {"extra_data": ["extra", "fresh2"], "extra_scary": ["fresh3"]}})
     plan = SimpleNamespace(vecs=vecs, concept=SimpleNamespace(name="harmful"))
     guard = SimpleNamespace(defenses=[SimpleNamespace(plans=[plan])])
     assert _trained_on(guard, "fresh2") == ["harmful"] and _trained_on(guard, "fresh3") == ["harmful"]
-    assert _trained_on(guard, "fresh11") == [] and _trained_on(guard, "test") == []
+    assert _trained_on(guard, "fresh13") == [] and _trained_on(guard, "test") == []
 
 
 def test_refusal_judges():

@@ -35,16 +35,20 @@ Splits are made by code, deterministically, within each category (items sorted b
   data since READING_VERSION 16.
 - ``"fresh11"``: a twelfth, written after that read by three more blind writers (task formats, people in specific
   roles, euphemistic wording) for the next version's one untouched measurement (ids ``-p01``..., selected the same
-  way); read by READING_VERSION 16's untouched measurement.
+  way); read by READING_VERSION 16's untouched measurement; detector training data since READING_VERSION 17.
 - ``"fresh12"``: a thirteenth, written by three more blind writers (real-user style, near misses and less common
   harms, context-first messages) before READING_VERSION 16 was calibrated (ids ``-q01``..., selected the same way);
-  declared after v16's fresh11 read, before any reading of it, as v16's second untouched measurement; read by it.
+  declared after v16's fresh11 read, before any reading of it, as v16's second untouched measurement; read by it;
+  detector training data since READING_VERSION 17.
 - ``"fresh13"``: a fourteenth, written after v16's fresh11 read by three more blind writers (task formats and roles,
   euphemistic wording, real-user chat) for the next version's one untouched measurement (ids ``-r01``..., selected
-  the same way); read by nothing yet.
-- retired held-out sets (:data:`RETIRED`: fresh ... fresh10, each read by evaluations of earlier versions) are also
+  the same way); read by nothing yet (READING_VERSION 17's one untouched measurement).
+- ``"fresh14"``: a fifteenth, written before READING_VERSION 17 was calibrated by three more blind writers (task
+  formats and roles, near misses with look-alike harmless sides, real-user chat with the intent in a backstory) for
+  the version after v17's fresh13 read (ids ``-s01``..., selected the same way); read by nothing yet.
+- retired held-out sets (:data:`RETIRED`: fresh ... fresh12, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
-  fresh9 since 15, fresh10 since 16):
+  fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17):
   ``extra_pairs("fresh")``... return them less the items above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
   unchanged and ``harmful_pairs("fresh")``... still return them whole, for re-reading earlier results.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
@@ -81,13 +85,14 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (those already read are retired into training data: RETIRED)
-LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 14))  # fresh, fresh2 ... fresh13
+LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 15))  # fresh, fresh2 ... fresh14
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
-# 14, fresh8 and fresh9 since 15, fresh10 since 16), less their items near a held-out prompt
-RETIRED = LATER[:10]  # fresh ... fresh10
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh11, fresh12, fresh13
+# 14, fresh8 and fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17), less their items near a held-out
+# prompt
+RETIRED = LATER[:12]  # fresh ... fresh12
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh13, fresh14
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -135,7 +140,7 @@ def extra_pairs(which: str = "extra") -> list[dict[str, str]]:
     """Training-only pairs, in category then id order: ``"extra"``, the 240 of ``harmful_harmless_pairs_extra.json``
     (ids ``<category>-x001``...), ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...),
     ``"extra3"``, those of ``harmful_harmless_pairs_extra3.json`` (``-z001``...), or
-    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh10"``) less its pairs with a side above MiniLM
+    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh12"``) less its pairs with a side above MiniLM
     cosine 0.75 to a prompt of a set still held out (:func:`retired_exclusions`)."""
     _check_extra(which)
     return _less_exclusions(which, _whole(f"harmful_harmless_pairs_{which}.json", "pairs"))
@@ -156,7 +161,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh11``, ``fresh12``, ``fresh13``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh13``, ``fresh14``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
