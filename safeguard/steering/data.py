@@ -45,7 +45,8 @@ Splits are made by code, deterministically, within each category (items sorted b
   the same way); read by nothing yet (READING_VERSION 17's one untouched measurement).
 - ``"fresh14"``: a fifteenth, written before READING_VERSION 17 was calibrated by three more blind writers (task
   formats and roles, near misses with look-alike harmless sides, real-user chat with the intent in a backstory) for
-  the version after v17's fresh13 read (ids ``-s01``..., selected the same way); read by nothing yet.
+  READING_VERSION 17's second untouched measurement, declared before fresh13 or fresh14 was read (ids ``-s01``...,
+  selected the same way); read by nothing yet.
 - retired held-out sets (:data:`RETIRED`: fresh ... fresh12, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
   fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17):
