@@ -42,7 +42,7 @@ Splits are made by code, deterministically, within each category (items sorted b
   detector training data since READING_VERSION 17.
 - ``"fresh13"``: a fourteenth, written after v16's fresh11 read by three more blind writers (task formats and roles,
   euphemistic wording, real-user chat) for the next version's one untouched measurement (ids ``-r01``..., selected
-  the same way); read by nothing yet (READING_VERSION 17's one untouched measurement).
+  the same way); read by nothing yet (READING_VERSION 17's first untouched measurement).
 - ``"fresh14"``: a fifteenth, written before READING_VERSION 17 was calibrated by three more blind writers (task
   formats and roles, near misses with look-alike harmless sides, real-user chat with the intent in a backstory) for
   READING_VERSION 17's second untouched measurement, declared before fresh13 or fresh14 was read (ids ``-s01``...,
