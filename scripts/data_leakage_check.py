@@ -6,7 +6,7 @@ fresh7 since 14, fresh8 and fresh9 since 15, fresh10 since 16, fresh11 and fresh
 prompts, or the held-out numbers would measure memory. For every training prompt (the original training split,
 both sides of the extra pairs, the extra scary-word prompts, of both extra files and of the retired sets less their
 exclusions) this prints the distribution of its highest MiniLM cosine to the prompts of each set still held out
-(validation; test; fresh13; fresh14: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+(validation; test; fresh13; fresh14; fresh15: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
 (0.75, the bar the files were written to). Exit status 1 if any item is above it. ``--write-exclusions`` first
 rewrites ``retired_exclusions.json``: the retired sets' items above ``--max``, which their training use leaves out.
 

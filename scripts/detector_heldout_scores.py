@@ -1,6 +1,6 @@
 """Where the shipped harmful-request detector's scores fall on every held-out set, and what other thresholds would do.
 
-For each held-out set (``test``, ``fresh`` ... ``fresh14``: harmful requests, matched harmless ones, harmless
+For each held-out set (``test``, ``fresh`` ... ``fresh15``: harmful requests, matched harmless ones, harmless
 ones with scary words; ``fresh`` ... ``fresh12`` are training data of the detector since READING_VERSION 12 ... 17
 and are marked so, without the parity check, since their evaluations were all made with older vectors) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
 on the shipped vectors: its views, each a cosine standardised by the calibration's center and scale, summed, or for
@@ -46,7 +46,7 @@ EVAL = ROOT / "benchmarks" / "results" / "eval"
 DEFAULT_OUT = EVAL / "repe_detector_heldout"
 KINDS = ("harmful", "harmless", "harmless_scary")
 # kept unread for the next versions' untouched measurements: skipped
-UNREAD: tuple[str, ...] = ("fresh13", "fresh14")
+UNREAD: tuple[str, ...] = ("fresh15",)
 
 
 def held_out(split: str) -> dict[str, list[str]]:

@@ -634,6 +634,7 @@ def test_third_extra_files_are_training_only_balanced_and_new():
         ("fresh12", "-q"),
         ("fresh13", "-r"),
         ("fresh14", "-s"),
+        ("fresh15", "-t"),
     ],
 )
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
@@ -675,7 +676,7 @@ def test_training_only_data_is_far_from_held_out_prompts():
     sizes += [("fresh8_pairs", 160), ("fresh9_scary", 40), ("fresh10_pairs", 160), ("fresh10_scary", 40)]
     sizes += [("fresh11_pairs", 160), ("fresh12_scary", 40)]
     for name, n in sizes:
-        for split in ("test", "val", "fresh13", "fresh14"):  # the sets still held out
+        for split in ("test", "val", "fresh13", "fresh14", "fresh15"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
         # a retired set is training data, not a reference
         for retired in ("fresh", "fresh5", "fresh7", "fresh9", "fresh11", "fresh12"):
@@ -712,8 +713,8 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
     from safeguard.steering import data
 
     excluded = data.retired_exclusions()
-    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh13", "fresh14"}
-    still = ("test", "fresh13", "fresh14")
+    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh13", "fresh14", "fresh15"}
+    still = ("test", "fresh13", "fresh14", "fresh15")
     assert data.STILL_HELD_OUT == still
     held = {p[k] for s in ("val", *still) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
     held |= {p["prompt"] for s in still for p in data.scary_harmless(s)}
