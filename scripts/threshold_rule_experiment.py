@@ -27,6 +27,13 @@ applied to its own calibration scores); if none passes, the rule stays. Either w
 with fresh13 and fresh14 retired into training) is measured once on the unread ``fresh15``, and that measurement,
 not this table, is the claim. Nothing here reads test or fresh15.
 
+**Outcome (written after the run).** None passes; the rule stays. Means over the four sets, flagged harmful /
+matched harmless / scary-word harmless: ``shipped`` 86.9% / 8.1% / 4.4%, ``fpr<=0.05`` 90.6% / 10.0% / 6.9%,
+``fpr<=0.08`` 95.6% / 13.7% / 9.4%. A lower cut buys detection only with more false alarms on matched harmless
+requests (fresh11 13.8% and fresh13 12.5% at the 0.05 budget): on these sets no cut of the head gives 90% of the
+harmful requests with the matched harmless ones under 8%, so the lever is the detector's separation, not its
+threshold. fresh15 stays unread.
+
     OMP_NUM_THREADS=2 python scripts/threshold_rule_experiment.py [--v16 /tmp/repe-v16/harmful-mean_diff]
 
 About 4 minutes on 2 CPU cores. Writes ``benchmarks/results/eval/repe_threshold_rule.json``.
