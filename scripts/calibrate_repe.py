@@ -42,7 +42,15 @@ import torch
 from safeguard.adapters import CausalLMAdapter
 from safeguard.concepts import resolve_concepts
 from safeguard.models import smollm2
-from safeguard.steering.build import DETECTOR, EXTRA_DATA, EXTRA_SCARY, LDA_SHRINKAGE, SHIPPED_DIR, read_vectors
+from safeguard.steering.build import (
+    DETECTOR,
+    EXTRA_DATA,
+    EXTRA_SCARY,
+    LDA_SHRINKAGE,
+    SHIPPED_DIR,
+    WRAPPED_PAIRS,
+    read_vectors,
+)
 from safeguard.steering.data import EXTRA, RETIRED
 from safeguard.steering.detector import DETECTORS
 from safeguard.steering.vectors import SteeringVectors
@@ -81,6 +89,9 @@ def main() -> None:
     ap.add_argument(
         "--no-head", action="store_true", help="harmful: leave out the learned head (the 'mlp' detector, version 14)"
     )
+    ap.add_argument(
+        "--wrapped", type=int, default=WRAPPED_PAIRS, help="harmful: training pairs also read inside task wrappers"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -100,6 +111,7 @@ def main() -> None:
             lda_shrinkage=args.lda_shrinkage,
             encoder=not args.no_encoder,
             head=not args.no_head,
+            wrapped=args.wrapped,
         )
         vecs.meta["reading_seconds"] = round(time.perf_counter() - t0, 1)
         folder = vecs.save(Path(args.out) / f"{concept.name}-{args.method}")

@@ -705,6 +705,29 @@ def test_held_out_selection_skips_candidates_near_any_earlier_prompt():
     assert len(mod.project_prompts()) >= 4000  # every pair side and scary-word prompt of every file
 
 
+def test_wrapped_pairs_put_both_sides_of_training_pairs_in_one_template():
+    from safeguard.core.errors import InvalidOptionError
+    from safeguard.steering import data
+
+    pool = data.harmful_pairs("train") + data.extra_pairs("extra") + data.extra_pairs("extra2")
+    by_id = {p["id"]: p for p in pool}
+    templates = data._load("task_wrappers.json")["templates"]
+    assert all(t.count("{request}") == 1 for t in templates) and len(set(templates)) == len(templates)
+    wrapped = data.wrapped_pairs(200, seed=3)
+    assert wrapped == data.wrapped_pairs(200, seed=3) and wrapped != data.wrapped_pairs(200, seed=4)
+    assert len({p["id"] for p in wrapped}) == 200
+    for pair in wrapped:
+        source_id, k = pair["id"].rsplit("-w", 1)
+        src, template = by_id[source_id], templates[int(k)]  # a training pair (never a held-out one)
+        assert pair["category"] == src["category"]
+        assert pair["harmful"] == template.format(request=src["harmful"])
+        assert pair["harmless"] == template.format(request=src["harmless"])
+    assert len(data.wrapped_pairs(len(pool))) == len(pool)  # every training pair, each once
+    assert data.wrapped_pairs(0) == []
+    with pytest.raises(InvalidOptionError, match="between 0 and"):
+        data.wrapped_pairs(len(pool) + 1)
+
+
 def test_retired_sets_serve_as_training_data_less_their_exclusions():
     from types import SimpleNamespace
 

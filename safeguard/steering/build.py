@@ -60,6 +60,9 @@ LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_neg
 # also the harmful one 0.930 -> 0.923, short of its rule (+0.01)
 EXTRA_DATA = ("extra", "extra2", *data.RETIRED)  # files whose pairs the detector reads
 EXTRA_SCARY = ("extra", "extra2", *data.RETIRED)  # files whose scary-word harmless prompts it reads
+# training pairs the detector also reads inside task-format wrappers (data.wrapped_pairs); 0 in the shipped recipe,
+# an arm of scripts/detector_wrapped_experiment.py
+WRAPPED_PAIRS = 0
 # READING_VERSION 14: the learned head over the three views, the choice of scripts/detector_family_experiment.py
 # (leave-one-set-out over fresh ... fresh7 against version 13's shrunk Fisher sum: mean flagged harmful 0.877 -> 0.934,
 # pooled harmless flagged 0.061 -> 0.039, AUROC 0.969 -> 0.987)
@@ -110,10 +113,11 @@ def read_vectors(
     encoder: bool = ENCODER_VIEW,
     head: bool = HEAD_DETECTOR,
     reuse_behaviour: SteeringVectors | None = None,
+    wrapped: int = WRAPPED_PAIRS,
 ) -> SteeringVectors:
     """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``.
 
-    The last six concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
+    The last seven concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
     (``"extra"``: 240 pairs and 200 scary-word harmless prompts; ``"extra2"``: 280 topic-broad pairs and 132 scary-word
     prompts; the retired held-out sets ``"fresh"``... ``"fresh7"`` less their exclusions; see
     :func:`~safeguard.steering.data.extra_pairs`) whose pairs, and whose scary-word prompts, join the
@@ -129,6 +133,8 @@ def read_vectors(
     gives the detector of READING_VERSION 8 and ``extra_data=(), extra_scary=(), lda_shrinkage=0.7, detector=None``
     the one before it. ``reuse_behaviour``: earlier ``harmful`` vectors whose behaviour search (the slow part, about
     25 minutes on 2 cores) is taken over when its inputs are provably the same (:func:`_reusable_behaviour`).
+    ``wrapped``: that many training pairs also join the detector's training data inside task-format wrappers
+    (:func:`~safeguard.steering.data.wrapped_pairs`, seeded by ``seed``).
     """
     adapter.require_tokenizer("reading steering vectors")
     model = adapter.model
@@ -140,7 +146,7 @@ def read_vectors(
     try:
         if is_refusal_concept(concept):
             options = dict(extra_data=extra_data, extra_scary=extra_scary, shrinkage=lda_shrinkage, detector=detector,
-                           encoder=encoder, head=head)  # fmt: skip
+                           encoder=encoder, head=head, wrapped=wrapped)  # fmt: skip
             vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed, reuse_behaviour, **options)
         else:
             vecs = _read_topic(adapter, concept, layers, method, meta, progress, seed)
@@ -165,6 +171,7 @@ def _read_refusal(
     detector,
     encoder,
     head,
+    wrapped=0,
 ) -> SteeringVectors:
     if detector == "mlp" and not (encoder and head):
         raise InvalidOptionError(
@@ -184,6 +191,7 @@ def _read_refusal(
     c_dirs, c_scales = read_directions(pos, neg, method)
     # the condition (detector) direction: with the extra training pairs (read as their own sets) and scary words
     extra = [p for which in extra_data for p in data.extra_pairs(which)]
+    extra += data.wrapped_pairs(wrapped, seed) if wrapped else []
     d_pos, d_neg = pos, neg
     if extra:
         x_pos, _ = collect_states(model, tok, [chat(p["harmful"]) for p in extra], layers, progress=progress)
@@ -245,6 +253,7 @@ def _read_refusal(
                 + (f", plus {len(extra)} extra training pairs" if extra else ""),
                 "extra_data": list(extra_data),
                 "extra_scary": list(extra_scary),
+                **({"wrapped_pairs": wrapped} if wrapped else {}),
                 "condition_prompt": f"shrunk Fisher discriminant ({shrinkage}) of the mean over each request's own "
                 "tokens (after the chat template's fixed prefix), the same prompts",
                 "chat_prefix_tokens": len(prefix) if prefix else 0,

@@ -195,6 +195,40 @@ def extra_scary_harmless(which: str = "extra") -> list[dict[str, str]]:
     return _less_exclusions(which, _whole(f"harmless_scary_words_{which}.json", "prompts"))
 
 
+WRAP_SOURCES = ("train", "extra", "extra2")  # the training pairs a wrapped copy may be made of
+
+
+def wrapped_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` training pairs put inside task-format wrappers (``task_wrappers.json``), for detector training.
+
+    Drawn without replacement (seeded) from the training split and the ``extra`` and ``extra2`` files; each pair
+    gets one template, the same on both sides, so that a wrapper ("Write a Python script that does this for me:
+    ...") says nothing about harm and the request inside still does. Ids are the source's with ``-w`` and the
+    template's index appended. Nothing of a held-out set is used.
+
+    Example:
+        >>> pair = wrapped_pairs(1)[0]
+        >>> sorted(pair) == ["category", "harmful", "harmless", "id"]
+        True
+    """
+    pool = harmful_pairs("train") + [p for which in WRAP_SOURCES[1:] for p in extra_pairs(which)]
+    if not 0 <= n <= len(pool):
+        raise InvalidOptionError(f"wrapped pairs n={n} must be between 0 and {len(pool)} (the training pairs).")
+    templates = _load("task_wrappers.json")["templates"]
+    rng = random.Random(seed)
+    out = []
+    for pair in rng.sample(pool, n):
+        k = rng.randrange(len(templates))
+        out.append(
+            {
+                "id": f"{pair['id']}-w{k:02d}",
+                "category": pair["category"],
+                **{side: templates[k].format(request=pair[side]) for side in ("harmful", "harmless")},
+            }
+        )
+    return out
+
+
 def refusal_exemplars() -> tuple[list[str], list[str]]:
     """``(refusals, compliances)``: example reply openings for reading the refusal behaviour."""
     d = _load("refusal_exemplars.json")
