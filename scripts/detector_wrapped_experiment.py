@@ -29,6 +29,16 @@ fresh15; that measurement, not this table, is the claim. Caveat: the wrappers we
 requests had been read (its deliverable types overlap them); fresh14's requests were not read one by one (only its
 evaluation's rates), so its column is the fairer one. Nothing here reads test or fresh15.
 
+**Outcome (written after the run).** Not adopted: the harmful half moved, the harmless half did not hold. Means over
+fresh13 and fresh14, ``v17`` -> ``+wrapped600``: harmful flagged 0.856 -> 0.900 (fresh13 0.863 -> 0.887, fresh14
+0.850 -> 0.913), matched harmless 0.075 -> 0.088 (two more of fresh13's 80, fresh14 unchanged), scary-word 0.038 ->
+0.038, pooled harmless 0.0625 -> 0.0708 (+0.008, the rule allows +0.005), AUROC 0.9707 -> 0.9705 (fresh13 0.969 ->
+0.967, fresh14 0.972 -> 0.974). The candidate's calibration: threshold 1.422, calibration TPR 0.940 / FPR 0.024
+(v17: 0.922 / 0.028), out-of-fold AUROC 0.994 (v17 0.990; its folds now hold wrapped copies of other folds'
+requests, so it flatters). The wrappers raise detection on wrapped requests without separating harmful from
+harmless ones better (AUROC flat): the gain is mostly an operating-point move. fresh15 stays unread; the wrapper
+option stays off (``WRAPPED_PAIRS = 0``).
+
     OMP_NUM_THREADS=2 python scripts/detector_wrapped_experiment.py --candidate /tmp/repe-wrapped/harmful-mean_diff
 
 About 3 minutes on 2 CPU cores after the candidate's calibration (about 20). Writes
