@@ -11,7 +11,8 @@ harmless ones with the given vectors, next to the value the JSON recorded.
     OMP_NUM_THREADS=2 python scripts/rescore_kl.py benchmarks/results/eval/llm_repe_harmful_fresh11.json ... \
         [--vectors FOLDER] [--out benchmarks/results/eval/repe_kl_rescored.json]
 
-Run for v16 (the shipped vectors) on its fresh11, fresh12 and test evaluations, and for v15 (``--vectors`` a folder
+Run for v16 (then the shipped vectors; since READING_VERSION 17 a folder of ``git show 8c2fb75:...``, its evaluations
+moved to ``repe_v16/``) on its fresh11, fresh12 and test evaluations, and for v15 (``--vectors`` a folder
 of ``git show 2d5aa00:safeguard/models/weights/repe/harmful-mean_diff/<file>``, ``--label v15``) on
 ``repe_v15/llm_repe_harmful_fresh10.json`` and ``repe_v15/llm_repe_harmful.json``. About a minute a set on 2 CPU cores.
 """
