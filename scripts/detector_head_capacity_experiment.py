@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 
 from safeguard.adapters import CausalLMAdapter
 from safeguard.steering import data
-from safeguard.steering.calibrate import auroc
+from safeguard.steering.calibrate import auroc, roc_points
 from safeguard.steering.detector import resolve_detector
 from safeguard.steering.head import head_features, train_mlp_head
 from safeguard.steering.vectors import SteeringVectors
@@ -90,13 +90,6 @@ def features(adapter: CausalLMAdapter, views, texts: list[str]) -> torch.Tensor:
     return head_features([states[(v.set, v.layer, v.pool)] for v in views])
 
 
-def tpr_at(pos: torch.Tensor, neg: torch.Tensor, max_fpr: float = 0.05) -> float:
-    """The largest share of ``pos`` above a cut that leaves at most ``max_fpr`` of ``neg`` above it."""
-    k = int(max_fpr * len(neg))  # negatives allowed above the cut
-    cut = neg.sort(descending=True).values[k] if k < len(neg) else neg.min() - 1
-    return float((pos > cut).float().mean())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--states", type=Path, help="safetensors file of the features (read if present, else written)")
@@ -127,7 +120,7 @@ def main() -> None:
         for arm, kw in ARMS.items():
             head = train_mlp_head(p, n, **kw)
             sp, sn = head(feats[f"{held}.pos"]), head(feats[f"{held}.neg"])
-            runs[arm][held] = {"auroc": auroc(sp, sn), "s_tpr@5": tpr_at(sp, sn)}
+            runs[arm][held] = {"auroc": auroc(sp, sn), "s_tpr@5": roc_points(sp, sn, (0.05,))[0]["tpr"]}
         logging.info(
             "%s left out (%.0f s): %s", held, time.perf_counter() - t0,
             {a: (round(r[held]["auroc"], 4), round(r[held]["s_tpr@5"], 3)) for a, r in runs.items()},

@@ -119,14 +119,14 @@ def read_vectors(
 
     The last seven concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
     (``"extra"``: 240 pairs and 200 scary-word harmless prompts; ``"extra2"``: 280 topic-broad pairs and 132 scary-word
-    prompts; the retired held-out sets ``"fresh"``... ``"fresh7"`` less their exclusions; see
+    prompts; the retired held-out sets :data:`~safeguard.steering.data.RETIRED` less their exclusions; see
     :func:`~safeguard.steering.data.extra_pairs`) whose pairs, and whose scary-word prompts, join the
     detector directions' training data (their out-of-fold threshold scores included); the behaviour and concept
     directions stay on the original training split. ``detector`` fixes the detector view (``None``: the best by
     validation + out-of-fold AUROC). ``encoder`` adds the sentence-encoder view and with it the ``"both+encoder"``
     detector (:mod:`safeguard.steering.encoder`); ``head`` trains the learned head over the three views and with it
     the ``"mlp"`` detector (:mod:`safeguard.steering.head`). The defaults give the shipped vectors (READING_VERSION
-    16; 14 and 15 had the same recipe with fewer retired sets and release on layers 8-14 for every token); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
+    17; 14-16 had the same recipe with fewer retired sets, 14 and 15 release on layers 8-14 for every token); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
     fresh5, 12);
     ``extra_data=extra_scary=("extra",)`` gives those of version 11, adding ``encoder=False`` the detectors of
     READING_VERSION 10; ``extra_data=("extra",), extra_scary=("extra",), encoder=False, detector=None``
@@ -171,7 +171,7 @@ def _read_refusal(
     detector,
     encoder,
     head,
-    wrapped=0,
+    wrapped,
 ) -> SteeringVectors:
     if detector == "mlp" and not (encoder and head):
         raise InvalidOptionError(
@@ -191,7 +191,7 @@ def _read_refusal(
     c_dirs, c_scales = read_directions(pos, neg, method)
     # the condition (detector) direction: with the extra training pairs (read as their own sets) and scary words
     extra = [p for which in extra_data for p in data.extra_pairs(which)]
-    extra += data.wrapped_pairs(wrapped, seed) if wrapped else []
+    extra += data.wrapped_pairs(wrapped, seed)
     d_pos, d_neg = pos, neg
     if extra:
         x_pos, _ = collect_states(model, tok, [chat(p["harmful"]) for p in extra], layers, progress=progress)
