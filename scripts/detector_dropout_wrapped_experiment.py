@@ -1,0 +1,165 @@
+"""Do more input dropout and task-wrapped training pairs, alone or together, give the detector head a better
+separation on new sets of requests?
+
+Two earlier experiments each moved the detector on untouched requests without passing its rule:
+``scripts/detector_head_capacity_experiment.py`` (leave-one-set-out over fresh9 ... fresh14): input dropout 0.6
+instead of 0.3 raised the mean AUROC 0.9792 -> 0.9830 (higher on all six left-out sets; the rule asked for +0.005)
+and the mean share of harmful requests flagged at 5% of harmless ones flagged 0.896 -> 0.921;
+``scripts/detector_wrapped_experiment.py`` (600 task-wrapped training pairs, :func:`safeguard.steering.data.wrapped_pairs`,
+on fresh13 / fresh14 at a calibrated threshold): more harmful requests flagged (0.856 -> 0.900) with AUROC flat,
+mostly an operating-point move. This experiment asks whether stronger dropout, the wrappers, or both together raise
+the separation itself.
+
+**Leave-one-set-out over fresh9 ... fresh14**, as the head capacity experiment: for each set ``S`` the head is
+trained on v17's detector training rows (train split, extra, extra2, the retired sets fresh ... fresh8 less their
+exclusions, scary-word prompts as negatives) plus the other five of the six sets, on the shipped views' features
+(``--states``: the head capacity experiment's cache, read again if absent), and scored on the whole of ``S``: AUROC
+of its harmful requests against all its harmless ones (matched and scary-word) and ``s_tpr@5``, the best share of
+harmful requests flagged with at most 5% of the harmless ones flagged (threshold-free). Arms, fixed before the run:
+
+- ``shipped``: input dropout 0.3 (the shipped head; its numbers must equal the head capacity experiment's);
+- ``dropout0.6``, ``dropout0.8``: input dropout 0.6 / 0.8;
+- ``wrapped600``: dropout 0.3 and the 600 wrapped pairs of ``data.wrapped_pairs(600, seed=0)`` added to every fold's
+  training rows (they are built from the train split and the extra files only, never from a fold's set);
+- ``wrapped600+dropout0.6``, ``wrapped600+dropout0.8``: both.
+
+**Rule, fixed before the run.** An arm passes if, averaged over the six left-out sets, its AUROC is at least 0.005
+above ``shipped``'s and its ``s_tpr@5`` at least 0.01 above (the head capacity experiment's rule, unchanged). The
+wrappers were written after fresh13's missed requests had been read, so a wrapped arm must also pass the same two
+margins averaged over the five sets other than fresh13. The passing arm with the highest six-set mean ``s_tpr@5``
+would be the next version's head: v17's recipe with that setting and fresh13 and fresh14 retired into training, the
+threshold by the shipped rule, measured once on the unread fresh15; if none passes, the head stays. Nothing here
+reads test or fresh15.
+
+    OMP_NUM_THREADS=2 python scripts/detector_dropout_wrapped_experiment.py --states /tmp/head_capacity.safetensors \
+        --wrapped-states /tmp/wrapped600.safetensors
+
+Writes ``benchmarks/results/eval/repe_detector_dropout_wrapped.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+from detector_common import write_result
+from detector_head_capacity_experiment import FOLDS, features, text_groups
+from detector_heldout_scores import VECTORS
+from safetensors.torch import load_file, save_file
+
+from safeguard.adapters import CausalLMAdapter
+from safeguard.steering import data
+from safeguard.steering.calibrate import auroc, roc_points
+from safeguard.steering.detector import resolve_detector
+from safeguard.steering.head import train_mlp_head
+from safeguard.steering.vectors import SteeringVectors
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_dropout_wrapped.json"
+WRAPPED = 600
+ARMS: dict[str, dict[str, float | bool]] = {
+    "shipped": {},
+    "dropout0.6": {"dropout": 0.6},
+    "dropout0.8": {"dropout": 0.8},
+    "wrapped600": {"wrapped": True},
+    "wrapped600+dropout0.6": {"wrapped": True, "dropout": 0.6},
+    "wrapped600+dropout0.8": {"wrapped": True, "dropout": 0.8},
+}
+MARGINS = {"auroc": 0.005, "s_tpr@5": 0.01}
+
+
+def cached_features(
+    path: Path | None, groups: dict[str, tuple[list[str], list[str]]], adapter_views
+) -> dict[str, torch.Tensor]:
+    """``{"<group>.pos" / "<group>.neg": features}``, read from ``path`` if it exists, else computed (and saved)."""
+    if path and path.exists():
+        return load_file(str(path))
+    adapter, views = adapter_views()
+    feats: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    for g, (pos, neg) in groups.items():
+        feats[f"{g}.pos"], feats[f"{g}.neg"] = features(adapter, views, pos), features(adapter, views, neg)
+        logging.info("%s: %d + %d features (%.0f s)", g, len(pos), len(neg), time.perf_counter() - t0)
+    if path:
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(path))
+    return feats
+
+
+def passes(means: dict[str, float], base: dict[str, float]) -> bool:
+    return all(means[k] >= base[k] + m for k, m in MARGINS.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--states", type=Path, help="features of the folds and base rows (read if present, else written)")
+    ap.add_argument("--wrapped-states", type=Path, help="features of the wrapped pairs (read if present, else written)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.perf_counter()
+    loaded: list = []
+
+    def adapter_views():
+        if not loaded:
+            from safeguard.models import smollm2
+
+            model, tok = smollm2()
+            loaded.extend([CausalLMAdapter(model, tok), resolve_detector(SteeringVectors.load(VECTORS)).views])
+        return loaded
+
+    groups = text_groups()
+    wrapped = data.wrapped_pairs(WRAPPED, 0)
+    feats = cached_features(args.states, groups, adapter_views)
+    feats |= cached_features(
+        args.wrapped_states, {"wrapped": ([p["harmful"] for p in wrapped], [p["harmless"] for p in wrapped])},
+        adapter_views,
+    )  # fmt: skip
+    logging.info("features ready (%.0f s)", time.perf_counter() - t0)
+    runs: dict[str, dict[str, dict[str, float]]] = {a: {} for a in ARMS}
+    for held in FOLDS:
+        train = ["base", *(s for s in FOLDS if s != held)]
+        for arm, kw in ARMS.items():
+            kw = dict(kw)
+            rows = train + (["wrapped"] if kw.pop("wrapped", False) else [])
+            p = torch.cat([feats[f"{g}.pos"] for g in rows])
+            n = torch.cat([feats[f"{g}.neg"] for g in rows])
+            head = train_mlp_head(p, n, **kw)  # type: ignore[arg-type]
+            sp, sn = head(feats[f"{held}.pos"]), head(feats[f"{held}.neg"])
+            runs[arm][held] = {"auroc": auroc(sp, sn), "s_tpr@5": roc_points(sp, sn, (0.05,))[0]["tpr"]}
+        logging.info(
+            "%s left out (%.0f s): %s", held, time.perf_counter() - t0,
+            {a: (round(r[held]["auroc"], 4), round(r[held]["s_tpr@5"], 3)) for a, r in runs.items()},
+        )  # fmt: skip
+
+    def mean_over(sets: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        return {a: {k: sum(r[s][k] for s in sets) / len(sets) for k in MARGINS} for a, r in runs.items()}
+
+    means, means5 = mean_over(FOLDS), mean_over(tuple(s for s in FOLDS if s != "fresh13"))
+    passing = [
+        a
+        for a in ARMS
+        if a != "shipped"
+        and passes(means[a], means["shipped"])
+        and (not ARMS[a].get("wrapped") or passes(means5[a], means5["shipped"]))
+    ]
+    adopt = max(passing, key=lambda a: means[a]["s_tpr@5"]) if passing else None
+    print("AUROC / s_tpr@5 on each left-out set")
+    for a, r in runs.items():
+        cells = "  ".join(f"{s} {r[s]['auroc']:.3f}/{r[s]['s_tpr@5']:.3f}" for s in FOLDS)
+        print(f"{a:22s} {cells}  mean {means[a]['auroc']:.4f}/{means[a]['s_tpr@5']:.3f}"
+              f"  (without fresh13 {means5[a]['auroc']:.4f}/{means5[a]['s_tpr@5']:.3f})")  # fmt: skip
+    print(f"passing: {passing}; adopt: {adopt}")
+    sizes = {g: [len(pos), len(neg)] for g, (pos, neg) in groups.items()} | {"wrapped": [WRAPPED, WRAPPED]}
+    result = {
+        "arms": ARMS, "margins": MARGINS, "sizes": sizes, "runs": runs, "means": means,
+        "means_without_fresh13": means5, "passing": passing, "adopt": adopt,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    write_result(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
