@@ -46,6 +46,7 @@ from safeguard.steering.build import (
     DETECTOR,
     EXTRA_DATA,
     EXTRA_SCARY,
+    HEAD_DROPOUT,
     LDA_SHRINKAGE,
     SHIPPED_DIR,
     WRAPPED_PAIRS,
@@ -92,6 +93,9 @@ def main() -> None:
     ap.add_argument(
         "--wrapped", type=int, default=WRAPPED_PAIRS, help="harmful: training pairs also read inside task wrappers"
     )
+    ap.add_argument(
+        "--head-dropout", type=float, default=HEAD_DROPOUT, help="harmful: input dropout of the detector head's fit"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -112,6 +116,7 @@ def main() -> None:
             encoder=not args.no_encoder,
             head=not args.no_head,
             wrapped=args.wrapped,
+            head_dropout=args.head_dropout,
         )
         vecs.meta["reading_seconds"] = round(time.perf_counter() - t0, 1)
         folder = vecs.save(Path(args.out) / f"{concept.name}-{args.method}")

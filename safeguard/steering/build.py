@@ -63,6 +63,8 @@ EXTRA_SCARY = ("extra", "extra2", *data.RETIRED)  # files whose scary-word harml
 # training pairs the detector also reads inside task-format wrappers (data.wrapped_pairs); 0 in the shipped recipe,
 # an arm of scripts/detector_wrapped_experiment.py
 WRAPPED_PAIRS = 0
+# input dropout of the detector head's fit (safeguard.steering.head.train_mlp_head); 0.3 since READING_VERSION 14
+HEAD_DROPOUT = 0.3
 # READING_VERSION 14: the learned head over the three views, the choice of scripts/detector_family_experiment.py
 # (leave-one-set-out over fresh ... fresh7 against version 13's shrunk Fisher sum: mean flagged harmful 0.877 -> 0.934,
 # pooled harmless flagged 0.061 -> 0.039, AUROC 0.969 -> 0.987)
@@ -114,10 +116,11 @@ def read_vectors(
     head: bool = HEAD_DETECTOR,
     reuse_behaviour: SteeringVectors | None = None,
     wrapped: int = WRAPPED_PAIRS,
+    head_dropout: float = HEAD_DROPOUT,
 ) -> SteeringVectors:
     """Read (and for ``harmful``, calibrate) the steering vectors of ``concept`` on ``adapter.model``.
 
-    The last seven concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
+    The last eight concern ``harmful`` only. ``extra_data`` and ``extra_scary`` name the training-only files
     (``"extra"``: 240 pairs and 200 scary-word harmless prompts; ``"extra2"``: 280 topic-broad pairs and 132 scary-word
     prompts; the retired held-out sets :data:`~safeguard.steering.data.RETIRED` less their exclusions; see
     :func:`~safeguard.steering.data.extra_pairs`) whose pairs, and whose scary-word prompts, join the
@@ -134,7 +137,8 @@ def read_vectors(
     the one before it. ``reuse_behaviour``: earlier ``harmful`` vectors whose behaviour search (the slow part, about
     25 minutes on 2 cores) is taken over when its inputs are provably the same (:func:`_reusable_behaviour`).
     ``wrapped``: that many training pairs also join the detector's training data inside task-format wrappers
-    (:func:`~safeguard.steering.data.wrapped_pairs`, seeded by ``seed``).
+    (:func:`~safeguard.steering.data.wrapped_pairs`, seeded by ``seed``). ``head_dropout``: the input dropout of
+    the head's fit.
     """
     adapter.require_tokenizer("reading steering vectors")
     model = adapter.model
@@ -146,7 +150,7 @@ def read_vectors(
     try:
         if is_refusal_concept(concept):
             options = dict(extra_data=extra_data, extra_scary=extra_scary, shrinkage=lda_shrinkage, detector=detector,
-                           encoder=encoder, head=head, wrapped=wrapped)  # fmt: skip
+                           encoder=encoder, head=head, wrapped=wrapped, head_dropout=head_dropout)  # fmt: skip
             vecs = _read_refusal(adapter, concept, layers, method, meta, progress, seed, reuse_behaviour, **options)
         else:
             vecs = _read_topic(adapter, concept, layers, method, meta, progress, seed)
@@ -172,6 +176,7 @@ def _read_refusal(
     encoder,
     head,
     wrapped,
+    head_dropout,
 ) -> SteeringVectors:
     if detector == "mlp" and not (encoder and head):
         raise InvalidOptionError(
@@ -306,13 +311,14 @@ def _read_refusal(
         hv_pos = head_features([v_pos[layer], pvs_pos[p_layer], evs_pos[0]])
         hv_neg = head_features([v_neg[layer], pvs_neg[p_layer], evs_neg[0]])
         logger.info("training the detector head on %d + %d rows (5 folds + the final fit)", len(h_pos), len(h_neg))
-        hoof_pos, hoof_neg = out_of_fold_head_scores(h_pos, h_neg)
-        mlp = train_mlp_head(h_pos, h_neg)
+        hoof_pos, hoof_neg = out_of_fold_head_scores(h_pos, h_neg, dropout=head_dropout)
+        mlp = train_mlp_head(h_pos, h_neg, dropout=head_dropout)
         vecs.heads[HEAD_NAME] = mlp.tensors()
         head_scores = {"name": HEAD_NAME, "oof": (hoof_pos, hoof_neg), "val": (mlp(hv_pos), mlp(hv_neg))}
         vecs.meta["reading"][HEAD_NAME] = (
             "three one-hidden-layer networks (256 units, seeds 0-2; safeguard.steering.head) on the unit-normalised "
             "last-token, request-mean and MiniLM states of the condition views' layers, the same prompts"
+            + f", input dropout {head_dropout}"
         )
     detector, detectors = calibrate_detectors(views, choose=detector, head=head_scores)
     # stage 1 on the training and validation harmful requests (24 validation prompts alone tie strengths), stage 2
