@@ -42,17 +42,22 @@ Splits are made by code, deterministically, within each category (items sorted b
   detector training data since READING_VERSION 17.
 - ``"fresh13"``: a fourteenth, written after v16's fresh11 read by three more blind writers (task formats and roles,
   euphemistic wording, real-user chat) for the next version's one untouched measurement (ids ``-r01``..., selected
-  the same way); read by READING_VERSION 17's first untouched measurement.
+  the same way); read by READING_VERSION 17's first untouched measurement; detector training data since
+  READING_VERSION 18.
 - ``"fresh14"``: a fifteenth, written before READING_VERSION 17 was calibrated by three more blind writers (task
   formats and roles, near misses with look-alike harmless sides, real-user chat with the intent in a backstory) for
   READING_VERSION 17's second untouched measurement, declared before fresh13 or fresh14 was read (ids ``-s01``...,
-  selected the same way); read by it.
+  selected the same way); read by it; detector training data since READING_VERSION 18.
 - ``"fresh15"``: a sixteenth, written after v17's fresh13 and fresh14 reads by three more blind writers (requests
   wrapped in deliverables and roles, euphemistic wording, context-first messages) for the next version's one
   untouched measurement (ids ``-t01``..., selected the same way); read by nothing yet.
-- retired held-out sets (:data:`RETIRED`: fresh ... fresh12, each read by evaluations of earlier versions) are also
+- ``"fresh16"``: a seventeenth, written after the same reads by three more blind writers (plain real-user messages,
+  requests inside deliverables and roles, requests with a stated reason or setting) and a fourth for more weapons
+  pairs (ids ``-u01``..., selected the same way); declared with fresh15, before either was read, as READING_VERSION
+  18's two untouched measurements; read by nothing yet.
+- retired held-out sets (:data:`RETIRED`: fresh ... fresh14, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
-  fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17):
+  fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17, fresh13 and fresh14 since 18):
   ``extra_pairs("fresh")``... return them less the items above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
   unchanged and ``harmful_pairs("fresh")``... still return them whole, for re-reading earlier results.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
@@ -89,14 +94,14 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (those already read are retired into training data: RETIRED)
-LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 16))  # fresh, fresh2 ... fresh15
+LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 17))  # fresh, fresh2 ... fresh16
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
-# 14, fresh8 and fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17), less their items near a held-out
-# prompt
-RETIRED = LATER[:12]  # fresh ... fresh12
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh13, fresh14, fresh15
+# 14, fresh8 and fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17, fresh13 and fresh14 since 18), less
+# their items near a held-out prompt
+RETIRED = LATER[:14]  # fresh ... fresh14
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh15, fresh16
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -165,7 +170,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh13``, ``fresh14``, ``fresh15``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh15``, ``fresh16``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
