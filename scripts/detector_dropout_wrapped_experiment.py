@@ -31,10 +31,22 @@ would be the next version's head: v17's recipe with that setting and fresh13 and
 threshold by the shipped rule, measured once on the unread fresh15; if none passes, the head stays. Nothing here
 reads test or fresh15.
 
+**Outcome (written after the run).** None passes; the head stays. Means over the six left-out sets, AUROC /
+``s_tpr@5`` (without fresh13 in brackets): ``shipped`` 0.9792 / 0.896 (0.9810 / 0.905; equal to the head capacity
+experiment's, as it must be), ``dropout0.6`` 0.9830 / 0.921, ``dropout0.8`` 0.9829 / 0.923, ``wrapped600`` 0.9809 /
+0.908, ``wrapped600+dropout0.6`` 0.9841 / 0.921 (0.9860 / 0.933), ``wrapped600+dropout0.8`` 0.9825 / 0.913. Every arm
+separates better than ``shipped`` on average (AUROC +0.0017 ... +0.0050, ``s_tpr@5`` +0.013 ... +0.027) and passes
+the ``s_tpr@5`` margin; none reaches the AUROC margin: the closest, ``wrapped600+dropout0.6``, is +0.00495 against
++0.005 (its five-set margins +0.004999995, float32 a hair under +0.005, and +0.028). fresh15 and fresh16 (written after the head capacity experiment and
+declared READING_VERSION 18's measurements before this run ended) measure v18, v17's head settings with fresh13 and
+fresh14 retired. 85 minutes on 2 CPU cores (the wrapped pairs' features 4.5, fits 80; the cached features of the head
+capacity experiment reused).
+
     OMP_NUM_THREADS=2 python scripts/detector_dropout_wrapped_experiment.py --states /tmp/head_capacity.safetensors \
         --wrapped-states /tmp/wrapped600.safetensors
 
-Writes ``benchmarks/results/eval/repe_detector_dropout_wrapped.json``.
+Reading the fold features takes about 12 minutes without ``--states`` and the wrapped pairs' about 5; the 36 fits
+about 80. Writes ``benchmarks/results/eval/repe_detector_dropout_wrapped.json``.
 """
 
 from __future__ import annotations
