@@ -129,7 +129,7 @@ def read_vectors(
     validation + out-of-fold AUROC). ``encoder`` adds the sentence-encoder view and with it the ``"both+encoder"``
     detector (:mod:`safeguard.steering.encoder`); ``head`` trains the learned head over the three views and with it
     the ``"mlp"`` detector (:mod:`safeguard.steering.head`). The defaults give the shipped vectors (READING_VERSION
-    17; 14-16 had the same recipe with fewer retired sets, 14 and 15 release on layers 8-14 for every token); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
+    18; 14-17 had the same recipe with fewer retired sets, 14 and 15 release on layers 8-14 for every token); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
     fresh5, 12);
     ``extra_data=extra_scary=("extra",)`` gives those of version 11, adding ``encoder=False`` the detectors of
     READING_VERSION 10; ``extra_data=("extra",), extra_scary=("extra",), encoder=False, detector=None``
