@@ -2,7 +2,7 @@
 
 Every version since READING_VERSION 14 separates its training sets completely, with a wide empty band of head
 logits around the threshold, while its untouched sets overlap across it (``benchmarks/results/eval/
-repe_detector_heldout.png``: v17's AUROC is 1.000 on every retired set, 0.969 / 0.972 on fresh13 / fresh14). The head
+repe_v17/repe_detector_heldout.png``: v17's AUROC is 1.000 on every retired set, 0.969 / 0.972 on fresh13 / fresh14). The head
 (:func:`safeguard.steering.head.train_mlp_head`: three one-hidden-layer networks of 256 units, input dropout 0.3,
 AdamW 1e-3 with weight decay 1e-2, 300 full-batch steps) may fit its training rows more than the task needs.
 
