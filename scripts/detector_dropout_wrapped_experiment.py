@@ -56,18 +56,10 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from detector_common import write_result
-from detector_head_capacity_experiment import FOLDS, features, text_groups
-from detector_heldout_scores import VECTORS
-from safetensors.torch import load_file, save_file
+from detector_head_capacity_experiment import FOLDS, cached_features, loso_runs, text_groups
 
-from safeguard.adapters import CausalLMAdapter
 from safeguard.steering import data
-from safeguard.steering.calibrate import auroc, roc_points
-from safeguard.steering.detector import resolve_detector
-from safeguard.steering.head import train_mlp_head
-from safeguard.steering.vectors import SteeringVectors
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "eval" / "repe_detector_dropout_wrapped.json"
@@ -83,23 +75,6 @@ ARMS: dict[str, dict[str, float | bool]] = {
 MARGINS = {"auroc": 0.005, "s_tpr@5": 0.01}
 
 
-def cached_features(
-    path: Path | None, groups: dict[str, tuple[list[str], list[str]]], adapter_views
-) -> dict[str, torch.Tensor]:
-    """``{"<group>.pos" / "<group>.neg": features}``, read from ``path`` if it exists, else computed (and saved)."""
-    if path and path.exists():
-        return load_file(str(path))
-    adapter, views = adapter_views()
-    feats: dict[str, torch.Tensor] = {}
-    t0 = time.perf_counter()
-    for g, (pos, neg) in groups.items():
-        feats[f"{g}.pos"], feats[f"{g}.neg"] = features(adapter, views, pos), features(adapter, views, neg)
-        logging.info("%s: %d + %d features (%.0f s)", g, len(pos), len(neg), time.perf_counter() - t0)
-    if path:
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(path))
-    return feats
-
-
 def passes(means: dict[str, float], base: dict[str, float]) -> bool:
     return all(means[k] >= base[k] + m for k, m in MARGINS.items())
 
@@ -112,39 +87,18 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
-    loaded: list = []
-
-    def adapter_views():
-        if not loaded:
-            from safeguard.models import smollm2
-
-            model, tok = smollm2()
-            loaded.extend([CausalLMAdapter(model, tok), resolve_detector(SteeringVectors.load(VECTORS)).views])
-        return loaded
-
     groups = text_groups()
     wrapped = data.wrapped_pairs(WRAPPED, 0)
-    feats = cached_features(args.states, groups, adapter_views)
+    feats = cached_features(args.states, groups)
     feats |= cached_features(
-        args.wrapped_states, {"wrapped": ([p["harmful"] for p in wrapped], [p["harmless"] for p in wrapped])},
-        adapter_views,
-    )  # fmt: skip
+        args.wrapped_states, {"wrapped": ([p["harmful"] for p in wrapped], [p["harmless"] for p in wrapped])}
+    )
     logging.info("features ready (%.0f s)", time.perf_counter() - t0)
-    runs: dict[str, dict[str, dict[str, float]]] = {a: {} for a in ARMS}
-    for held in FOLDS:
-        train = ["base", *(s for s in FOLDS if s != held)]
-        for arm, kw in ARMS.items():
-            kw = dict(kw)
-            rows = train + (["wrapped"] if kw.pop("wrapped", False) else [])
-            p = torch.cat([feats[f"{g}.pos"] for g in rows])
-            n = torch.cat([feats[f"{g}.neg"] for g in rows])
-            head = train_mlp_head(p, n, **kw)  # type: ignore[arg-type]
-            sp, sn = head(feats[f"{held}.pos"]), head(feats[f"{held}.neg"])
-            runs[arm][held] = {"auroc": auroc(sp, sn), "s_tpr@5": roc_points(sp, sn, (0.05,))[0]["tpr"]}
-        logging.info(
-            "%s left out (%.0f s): %s", held, time.perf_counter() - t0,
-            {a: (round(r[held]["auroc"], 4), round(r[held]["s_tpr@5"], 3)) for a, r in runs.items()},
-        )  # fmt: skip
+    fits = {
+        a: (["wrapped"] if kw.get("wrapped") else [], {k: v for k, v in kw.items() if k != "wrapped"})
+        for a, kw in ARMS.items()
+    }
+    runs = loso_runs(feats, fits)  # type: ignore[arg-type]
 
     def mean_over(sets: tuple[str, ...]) -> dict[str, dict[str, float]]:
         return {a: {k: sum(r[s][k] for s in sets) / len(sets) for k in MARGINS} for a, r in runs.items()}

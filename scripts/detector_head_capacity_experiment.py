@@ -40,6 +40,7 @@ Reading the states takes about 12 minutes on 2 CPU cores (``--states`` keeps the
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def text_groups() -> dict[str, tuple[list[str], list[str]]]:
         pos += [p["harmful"] for p in pairs]
         neg += [p["harmless"] for p in pairs] + [p["prompt"] for p in data.extra_scary_harmless(which)]
     groups = {"base": (pos, neg)}
-    for s in FOLDS:  # whole sets (none of fresh9 ... fresh12 has an exclusion; fresh13 and fresh14 are not retired)
+    for s in FOLDS:  # whole sets (none of fresh9 ... fresh14 has an exclusion)
         pairs = data.harmful_pairs(s)
         groups[s] = (
             [p["harmful"] for p in pairs],
@@ -90,6 +91,52 @@ def features(adapter: CausalLMAdapter, views, texts: list[str]) -> torch.Tensor:
     return head_features([states[(v.set, v.layer, v.pool)] for v in views])
 
 
+@functools.cache
+def adapter_and_views() -> tuple[CausalLMAdapter, list]:
+    """SmolLM2 and the shipped detector's views, loaded once, only when features have to be read."""
+    from safeguard.models import smollm2
+
+    model, tok = smollm2()
+    return CausalLMAdapter(model, tok), resolve_detector(SteeringVectors.load(VECTORS)).views
+
+
+def cached_features(path: Path | None, groups: dict[str, tuple[list[str], list[str]]]) -> dict[str, torch.Tensor]:
+    """``{"<group>.pos" / "<group>.neg": features}``, read from ``path`` if it exists, else computed (and saved)."""
+    if path and path.exists():
+        return load_file(str(path))
+    adapter, views = adapter_and_views()
+    feats: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    for g, (pos, neg) in groups.items():
+        feats[f"{g}.pos"], feats[f"{g}.neg"] = features(adapter, views, pos), features(adapter, views, neg)
+        logging.info("%s: %d + %d features (%.0f s)", g, len(pos), len(neg), time.perf_counter() - t0)
+    if path:
+        save_file({k: v.contiguous() for k, v in feats.items()}, str(path))
+    return feats
+
+
+def loso_runs(
+    feats: dict[str, torch.Tensor], fits: dict[str, tuple[list[str], dict[str, float]]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{arm: {left-out set: {"auroc", "s_tpr@5"}}}``: for each fold, each arm's head trained on ``base``, the other
+    folds and the arm's extra feature groups (``fits[arm] = (extra groups, train_mlp_head keywords)``)."""
+    t0 = time.perf_counter()
+    runs: dict[str, dict[str, dict[str, float]]] = {a: {} for a in fits}
+    for held in FOLDS:
+        train = ["base", *(s for s in FOLDS if s != held)]
+        for arm, (extra, kw) in fits.items():
+            p = torch.cat([feats[f"{g}.pos"] for g in train + extra])
+            n = torch.cat([feats[f"{g}.neg"] for g in train + extra])
+            head = train_mlp_head(p, n, **kw)  # type: ignore[arg-type]
+            sp, sn = head(feats[f"{held}.pos"]), head(feats[f"{held}.neg"])
+            runs[arm][held] = {"auroc": auroc(sp, sn), "s_tpr@5": roc_points(sp, sn, (0.05,))[0]["tpr"]}
+        logging.info(
+            "%s left out (%.0f s): %s", held, time.perf_counter() - t0,
+            {a: (round(r[held]["auroc"], 4), round(r[held]["s_tpr@5"], 3)) for a, r in runs.items()},
+        )  # fmt: skip
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--states", type=Path, help="safetensors file of the features (read if present, else written)")
@@ -98,33 +145,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.perf_counter()
     groups = text_groups()
-    if args.states and args.states.exists():
-        feats = load_file(str(args.states))
-    else:
-        from safeguard.models import smollm2
-
-        model, tok = smollm2()
-        adapter = CausalLMAdapter(model, tok)
-        det = resolve_detector(SteeringVectors.load(VECTORS))
-        feats = {}
-        for g, (pos, neg) in groups.items():
-            feats[f"{g}.pos"], feats[f"{g}.neg"] = features(adapter, det.views, pos), features(adapter, det.views, neg)
-            logging.info("%s: %d + %d features (%.0f s)", g, len(pos), len(neg), time.perf_counter() - t0)
-        if args.states:
-            save_file({k: v.contiguous() for k, v in feats.items()}, str(args.states))
-    runs: dict[str, dict[str, dict[str, float]]] = {a: {} for a in ARMS}
-    for held in FOLDS:
-        train = ["base", *(s for s in FOLDS if s != held)]
-        p = torch.cat([feats[f"{g}.pos"] for g in train])
-        n = torch.cat([feats[f"{g}.neg"] for g in train])
-        for arm, kw in ARMS.items():
-            head = train_mlp_head(p, n, **kw)
-            sp, sn = head(feats[f"{held}.pos"]), head(feats[f"{held}.neg"])
-            runs[arm][held] = {"auroc": auroc(sp, sn), "s_tpr@5": roc_points(sp, sn, (0.05,))[0]["tpr"]}
-        logging.info(
-            "%s left out (%.0f s): %s", held, time.perf_counter() - t0,
-            {a: (round(r[held]["auroc"], 4), round(r[held]["s_tpr@5"], 3)) for a, r in runs.items()},
-        )  # fmt: skip
+    feats = cached_features(args.states, groups)
+    runs = loso_runs(feats, {a: ([], kw) for a, kw in ARMS.items()})
     means = {a: {k: sum(r[s][k] for s in FOLDS) / len(FOLDS) for k in ("auroc", "s_tpr@5")} for a, r in runs.items()}
     base = means["shipped"]
     passing = [
