@@ -46,7 +46,7 @@ EVAL = ROOT / "benchmarks" / "results" / "eval"
 DEFAULT_OUT = EVAL / "repe_detector_heldout"
 KINDS = ("harmful", "harmless", "harmless_scary")
 # kept unread for the next versions' untouched measurements: skipped
-UNREAD: tuple[str, ...] = ("fresh17", "fresh18")
+UNREAD: tuple[str, ...] = ()
 
 
 def held_out(split: str) -> dict[str, list[str]]:
