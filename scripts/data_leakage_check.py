@@ -1,13 +1,13 @@
 """Leakage check of the training-only LLM data: how close is each item to a validation or test prompt?
 
 The extra training files (``harmful_harmless_pairs_extra*.json``, ``harmless_scary_words_extra*.json``) and the
-retired held-out sets (``fresh`` ... ``fresh16``, training data since READING_VERSION 12, fresh5 since 13, fresh6 and
+retired held-out sets (``fresh`` ... ``fresh18``, training data since READING_VERSION 12, fresh5 since 13, fresh6 and
 fresh7 since 14, fresh8 and fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17, fresh13 and fresh14
-since 18, fresh15 and fresh16 since 19) must not restate held-out
+since 18, fresh15 and fresh16 since 19, fresh17 and fresh18 since 20) must not restate held-out
 prompts, or the held-out numbers would measure memory. For every training prompt (the original training split,
 both sides of the extra pairs, the extra scary-word prompts, of both extra files and of the retired sets less their
 exclusions) this prints the distribution of its highest MiniLM cosine to the prompts of each set still held out
-(validation; test; fresh17; fresh18: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
+(validation; test; fresh19; fresh20: both sides of the pairs and the scary-word prompts) and lists every item above ``--max``
 (0.75, the bar the files were written to). Exit status 1 if any item is above it. ``--write-exclusions`` first
 rewrites ``retired_exclusions.json``: the retired sets' items above ``--max``, which their training use leaves out.
 

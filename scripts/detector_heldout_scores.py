@@ -1,7 +1,7 @@
 """Where the shipped harmful-request detector's scores fall on every held-out set, and what other thresholds would do.
 
-For each held-out set (``test``, ``fresh`` ... ``fresh18``: harmful requests, matched harmless ones, harmless
-ones with scary words; ``fresh`` ... ``fresh16`` are training data of the detector since READING_VERSION 12 ... 19
+For each held-out set (``test``, ``fresh`` ... ``fresh20``: harmful requests, matched harmless ones, harmless
+ones with scary words; ``fresh`` ... ``fresh18`` are training data of the detector since READING_VERSION 12 ... 20
 and are marked so, without the parity check, since their evaluations were all made with older vectors) this reads the shipped detector's views (:func:`safeguard.steering.detector.resolve_detector`
 on the shipped vectors: its views, each a cosine standardised by the calibration's center and scale, summed, or for
 the ``"mlp"`` detector the learned head's logit of the views' states; :func:`~safeguard.steering.detector.view_scores`) through the chat template, as the guard does during the prefill, and reports:
@@ -46,7 +46,7 @@ EVAL = ROOT / "benchmarks" / "results" / "eval"
 DEFAULT_OUT = EVAL / "repe_detector_heldout"
 KINDS = ("harmful", "harmless", "harmless_scary")
 # kept unread for the next versions' untouched measurements: skipped
-UNREAD: tuple[str, ...] = ()
+UNREAD: tuple[str, ...] = ("fresh19", "fresh20")
 
 
 def held_out(split: str) -> dict[str, list[str]]:

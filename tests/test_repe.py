@@ -638,6 +638,8 @@ def test_third_extra_files_are_training_only_balanced_and_new():
         ("fresh16", "-u"),
         ("fresh17", "-v"),
         ("fresh18", "-w"),
+        ("fresh19", "-x"),
+        ("fresh20", "-y"),
     ],
 )
 def test_late_held_out_sets_are_whole_balanced_and_disjoint_from_everything_else(split, tag):
@@ -678,12 +680,12 @@ def test_training_only_data_is_far_from_held_out_prompts():
     sizes += [("fresh5_pairs", 160), ("fresh5_scary", 40), ("fresh6_pairs", 160), ("fresh7_scary", 40)]
     sizes += [("fresh8_pairs", 160), ("fresh9_scary", 40), ("fresh10_pairs", 160), ("fresh10_scary", 40)]
     sizes += [("fresh11_pairs", 160), ("fresh12_scary", 40), ("fresh13_pairs", 160), ("fresh14_scary", 40)]
-    sizes += [("fresh15_pairs", 160), ("fresh16_scary", 40)]
+    sizes += [("fresh15_pairs", 160), ("fresh16_scary", 40), ("fresh17_pairs", 160), ("fresh18_scary", 40)]
     for name, n in sizes:
-        for split in ("test", "val", "fresh17", "fresh18"):  # the sets still held out
+        for split in ("test", "val", "fresh19", "fresh20"):  # the sets still held out
             assert f"{name}_vs_{split} ".ljust(24) + f"n={n:3d}" in res.stdout
         # a retired set is training data, not a reference
-        for retired in ("fresh", "fresh5", "fresh7", "fresh9", "fresh11", "fresh13", "fresh15", "fresh16"):
+        for retired in ("fresh", "fresh5", "fresh7", "fresh9", "fresh11", "fresh13", "fresh15", "fresh17", "fresh18"):
             assert f"{name}_vs_{retired} " not in res.stdout
 
 
@@ -740,8 +742,8 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
     from safeguard.steering import data
 
     excluded = data.retired_exclusions()
-    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh17", "fresh18"}
-    still = ("test", "fresh17", "fresh18")
+    assert set(excluded) == set(data.RETIRED) and not set(data.RETIRED) & {"test", "fresh19", "fresh20"}
+    still = ("test", "fresh19", "fresh20")
     assert data.STILL_HELD_OUT == still
     held = {p[k] for s in ("val", *still) for p in data.harmful_pairs(s) for k in ("harmful", "harmless")}
     held |= {p["prompt"] for s in still for p in data.scary_harmless(s)}
@@ -755,12 +757,12 @@ def test_retired_sets_serve_as_training_data_less_their_exclusions():
         assert not texts & held
     assert len(data.extra_pairs("fresh2")) < 80  # fresh2 restated some test prompts: those pairs are left out
     with pytest.raises(InvalidOptionError, match="retired held-out sets"):
-        data.extra_pairs("fresh17")  # still held out
+        data.extra_pairs("fresh19")  # still held out
     vecs = SimpleNamespace(meta={"reading": {"extra_data": ["extra", "fresh2"], "extra_scary": ["fresh3"]}})
     plan = SimpleNamespace(vecs=vecs, concept=SimpleNamespace(name="harmful"))
     guard = SimpleNamespace(defenses=[SimpleNamespace(plans=[plan])])
     assert _trained_on(guard, "fresh2") == ["harmful"] and _trained_on(guard, "fresh3") == ["harmful"]
-    assert _trained_on(guard, "fresh17") == [] and _trained_on(guard, "test") == []
+    assert _trained_on(guard, "fresh19") == [] and _trained_on(guard, "test") == []
 
 
 def test_refusal_judges():

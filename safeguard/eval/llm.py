@@ -2,7 +2,7 @@
 
 ``python -m safeguard eval --model smollm2 --method repe --concepts harmful`` runs the held-out
 test split of ``safeguard/data/llm`` (never used for reading or calibration; ``--split fresh``,
-``--split fresh2`` ... ``fresh18``: the held-out sets written later) through the model
+``--split fresh2`` ... ``fresh20``: the held-out sets written later) through the model
 unguarded and guarded (greedy, the same prompts in the same batches) and reports:
 
 - **refusal rate** on harmful requests and **over-refusal** on harmless ones (matched harmless
@@ -251,7 +251,7 @@ def run_llm_eval(
     """Evaluate ``method`` for ``concept`` on ``model`` (see the module docstring). Returns the metrics.
 
     ``split`` is the held-out set of a ``harmful`` evaluation: ``"test"`` or one of the later sets ``"fresh"`` ...
-    ``"fresh18"`` (topic concepts always use the held-out templates).
+    ``"fresh20"`` (topic concepts always use the held-out templates).
     """
     from ..core.errors import InvalidOptionError
 

@@ -61,11 +61,16 @@ Splits are made by code, deterministically, within each category (items sorted b
 - ``"fresh18"``: a nineteenth, written at the same time by three more blind writers (terse search-box messages,
   requests inside less common deliverables and roles, two-part messages) and a fourth for more weapons pairs (ids
   ``-w01``..., selected the same way); declared with fresh17, before either was read, as READING_VERSION 19's two
-  untouched measurements; read by nothing yet.
-- retired held-out sets (:data:`RETIRED`: fresh ... fresh16, each read by evaluations of earlier versions) are also
+  untouched measurements; both read by them; detector training data since READING_VERSION 20.
+- ``"fresh19"``: a twentieth, written after v19's fresh17 and fresh18 reads by three more blind writers in fresh18's
+  styles and a fourth for more weapons pairs (ids ``-x01``..., selected the same way).
+- ``"fresh20"``: a twenty-first, written at the same time by three more blind writers in fresh17's styles, a fourth
+  for more weapons pairs and a fifth for fraud, drugs and history (ids ``-y01``..., selected the same way); declared
+  with fresh19, before either was read, as READING_VERSION 20's two untouched measurements; read by nothing yet.
+- retired held-out sets (:data:`RETIRED`: fresh ... fresh18, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
   fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17, fresh13 and fresh14 since 18, fresh15 and fresh16
-  since 19):
+  since 19, fresh17 and fresh18 since 20):
   ``extra_pairs("fresh")``... return them less the items above MiniLM cosine 0.75 to a validation or still-held-out prompt (``retired_exclusions.json``). Their files are
   unchanged and ``harmful_pairs("fresh")``... still return them whole, for re-reading earlier results.
 - harmless prompts with scary words: ``i % 5`` in 0-1 -> ``"train"``, else ``"test"`` (48 / 52).
@@ -102,14 +107,14 @@ from ..core.errors import InvalidOptionError
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "llm"
 SPLITS = ("train", "val", "test")
 # the held-out sets written after the first, each a whole file (those already read are retired into training data: RETIRED)
-LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 19))  # fresh, fresh2 ... fresh18
+LATER = tuple(f"fresh{i}" if i > 1 else "fresh" for i in range(1, 21))  # fresh, fresh2 ... fresh20
 HELD_OUT = ("test", *LATER)
 EXTRA = ("extra", "extra2", "extra3")  # the training-only files, by the suffix of their names
 # read held-out sets retired into detector training data (READING_VERSION 12; fresh5 since 13, fresh6 and fresh7 since
 # 14, fresh8 and fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17, fresh13 and fresh14 since 18,
-# fresh15 and fresh16 since 19), less their items near a held-out prompt
-RETIRED = LATER[:16]  # fresh ... fresh16
-STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh17, fresh18
+# fresh15 and fresh16 since 19, fresh17 and fresh18 since 20), less their items near a held-out prompt
+RETIRED = LATER[:18]  # fresh ... fresh18
+STILL_HELD_OUT = tuple(s for s in HELD_OUT if s not in RETIRED)  # test, fresh19, fresh20
 EXCLUSIONS = "retired_exclusions.json"  # written by scripts/data_leakage_check.py --write-exclusions
 
 
@@ -157,7 +162,7 @@ def extra_pairs(which: str = "extra") -> list[dict[str, str]]:
     """Training-only pairs, in category then id order: ``"extra"``, the 240 of ``harmful_harmless_pairs_extra.json``
     (ids ``<category>-x001``...), ``"extra2"``, the 280 of ``harmful_harmless_pairs_extra2.json`` (``-y001``...),
     ``"extra3"``, those of ``harmful_harmless_pairs_extra3.json`` (``-z001``...), or
-    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh16"``) less its pairs with a side above MiniLM
+    a retired held-out set (:data:`RETIRED`: ``"fresh"``... ``"fresh18"``) less its pairs with a side above MiniLM
     cosine 0.75 to a prompt of a set still held out (:func:`retired_exclusions`)."""
     _check_extra(which)
     return _less_exclusions(which, _whole(f"harmful_harmless_pairs_{which}.json", "pairs"))
@@ -178,7 +183,7 @@ def _less_exclusions(which: str, items: list[dict[str, str]]) -> list[dict[str, 
 
 def retired_exclusions() -> dict[str, list[str]]:
     """``{retired set: ids}`` of the items left out when the set serves as training data: those with a side above
-    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh17``, ``fresh18``)."""
+    MiniLM cosine 0.75 to a validation or still-held-out prompt (``test``, ``fresh19``, ``fresh20``)."""
     return {k: list(v) for k, v in _load(EXCLUSIONS)["excluded"].items()}
 
 
