@@ -46,7 +46,7 @@ EVAL = ROOT / "benchmarks" / "results" / "eval"
 DEFAULT_OUT = EVAL / "repe_detector_heldout"
 KINDS = ("harmful", "harmless", "harmless_scary")
 # kept unread for the next versions' untouched measurements: skipped
-UNREAD: tuple[str, ...] = ("fresh19", "fresh20")
+UNREAD: tuple[str, ...] = ()
 
 
 def held_out(split: str) -> dict[str, list[str]]:
@@ -123,7 +123,7 @@ def plot(result: dict, threshold: float, path: Path) -> None:
         f"shipped harmful-request detector {result['detector']!r} on the held-out sets "
         f"(dashed: calibrated threshold {threshold:.3f})"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # keep half an inch for the suptitle
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
