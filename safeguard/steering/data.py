@@ -66,7 +66,7 @@ Splits are made by code, deterministically, within each category (items sorted b
   styles and a fourth for more weapons pairs (ids ``-x01``..., selected the same way).
 - ``"fresh20"``: a twenty-first, written at the same time by three more blind writers in fresh17's styles, a fourth
   for more weapons pairs and a fifth for fraud, drugs and history (ids ``-y01``..., selected the same way); declared
-  with fresh19, before either was read, as READING_VERSION 20's two untouched measurements; read by nothing yet.
+  with fresh19, before either was read, as READING_VERSION 20's two untouched measurements; both read by them.
 - retired held-out sets (:data:`RETIRED`: fresh ... fresh18, each read by evaluations of earlier versions) are also
   training data of the detector since READING_VERSION 12 (fresh5 since 13, fresh6 and fresh7 since 14, fresh8 and
   fresh9 since 15, fresh10 since 16, fresh11 and fresh12 since 17, fresh13 and fresh14 since 18, fresh15 and fresh16
