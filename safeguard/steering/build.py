@@ -53,8 +53,8 @@ LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_neg
 # less their items near a still-held-out prompt (data.RETIRED); the choice of scripts/detector_retired_experiment.py
 # (leave-one-set-out over those four sets: mean flagged harmful 0.888 -> 0.912 at pooled harmless 0.046 -> 0.050),
 # READING_VERSION 12; fresh5 joined them in 13, after its one read, fresh6 and fresh7 in 14, fresh8 and fresh9 in 15,
-# fresh10 in 16, fresh11 and fresh12 in 17, fresh13 and fresh14 in 18, fresh15 and fresh16 in 19, fresh17 and fresh18 in 20. Up to version 11 the detector read the first extra
-# file only (the topic-broad extra2 with the request-mean view, READING_VERSION 9, did worse:
+# fresh10 in 16, fresh11 and fresh12 in 17, fresh13 and fresh14 in 18, fresh15 and fresh16 in 19, fresh17 and fresh18
+# in 20. Up to version 11 the detector read the first extra file only (the topic-broad extra2 with the request-mean view, READING_VERSION 9, did worse:
 # scripts/detector_breadth_experiment.py). The third extra file (extra3, six new writers) is not read: leave-one-set-out
 # over fresh ... fresh5 (scripts/detector_extra3_experiment.py) lowered the harmless flagged share 0.053 -> 0.037 but
 # also the harmful one 0.930 -> 0.923, short of its rule (+0.01)
@@ -128,8 +128,9 @@ def read_vectors(
     directions stay on the original training split. ``detector`` fixes the detector view (``None``: the best by
     validation + out-of-fold AUROC). ``encoder`` adds the sentence-encoder view and with it the ``"both+encoder"``
     detector (:mod:`safeguard.steering.encoder`); ``head`` trains the learned head over the three views and with it
-    the ``"mlp"`` detector (:mod:`safeguard.steering.head`). The defaults give the shipped vectors (READING_VERSION
-    18; 14-17 had the same recipe with fewer retired sets, 14 and 15 release on layers 8-14 for every token); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
+    the ``"mlp"`` detector (:mod:`safeguard.steering.head`). The defaults give the shipped vectors (:data:`READING_VERSION`;
+    the versions from 14 on had the same recipe with fewer retired sets, 14 and 15 release on layers 8-14 for every
+    token); ``detector="both+encoder", head=False`` with the retired sets fresh ... fresh5 gives those of 13 (without
     fresh5, 12);
     ``extra_data=extra_scary=("extra",)`` gives those of version 11, adding ``encoder=False`` the detectors of
     READING_VERSION 10; ``extra_data=("extra",), extra_scary=("extra",), encoder=False, detector=None``
