@@ -49,15 +49,15 @@ logger = logging.getLogger(__name__)
 
 READING_VERSION = 20
 LDA_SHRINKAGE = 0.3  # chosen with the extra training data (scripts/detector_negatives_experiment.py)
-# the detector's training-only data: both extra files and the four read held-out sets, retired into training data
-# less their items near a still-held-out prompt (data.RETIRED); the choice of scripts/detector_retired_experiment.py
+# the detector's training-only data: both extra files and the four read held-out sets, retired into training data less
+# their items near a still-held-out prompt (data.RETIRED); the choice of scripts/detector_retired_experiment.py
 # (leave-one-set-out over those four sets: mean flagged harmful 0.888 -> 0.912 at pooled harmless 0.046 -> 0.050),
 # READING_VERSION 12; fresh5 joined them in 13, after its one read, fresh6 and fresh7 in 14, fresh8 and fresh9 in 15,
-# fresh10 in 16, fresh11 and fresh12 in 17, fresh13 and fresh14 in 18, fresh15 and fresh16 in 19, fresh17 and fresh18
-# in 20. Up to version 11 the detector read the first extra file only (the topic-broad extra2 with the request-mean
-# view, READING_VERSION 9, did worse: scripts/detector_breadth_experiment.py). The third extra file (extra3, six new writers) is not read: leave-one-set-out
-# over fresh ... fresh5 (scripts/detector_extra3_experiment.py) lowered the harmless flagged share 0.053 -> 0.037 but
-# also the harmful one 0.930 -> 0.923, short of its rule (+0.01)
+# fresh10 in 16, fresh11 and fresh12 in 17, fresh13 and fresh14 in 18, fresh15 and fresh16 in 19, fresh17 and fresh18 in
+# 20. Up to version 11 the detector read the first extra file only (the topic-broad extra2 with the request-mean view,
+# READING_VERSION 9, did worse: scripts/detector_breadth_experiment.py). The third extra file (extra3, six new writers)
+# is not read: leave-one-set-out over fresh ... fresh5 (scripts/detector_extra3_experiment.py) lowered the harmless
+# flagged share 0.053 -> 0.037 but also the harmful one 0.930 -> 0.923, short of its rule (+0.01)
 EXTRA_DATA = ("extra", "extra2", *data.RETIRED)  # files whose pairs the detector reads
 EXTRA_SCARY = ("extra", "extra2", *data.RETIRED)  # files whose scary-word harmless prompts it reads
 # training pairs the detector also reads inside task-format wrappers (data.wrapped_pairs); 0 in the shipped recipe,
